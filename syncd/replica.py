@@ -1,0 +1,418 @@
+"""The replica store: every flow a node knows of, from every origin.
+
+Pure (house style): values and ``now`` in, :class:`Change` lists out; no clock.
+
+Apply rules, per flow key (they make apply idempotent and order-safe, so
+deltas and snapshot pages may arrive twice, late or interleaved):
+
+* The held record has the highest ``(version, origin)`` seen (``origin``
+  only breaks ties).  An equal record is a duplicate, a lower one is stale;
+  both leave the store unchanged.  CREATE and UPDATE are the same upsert: an
+  UPDATE overtaking its CREATE must not be lost.
+* A DELETE above the held record removes it and leaves a *tombstone* with
+  the delete's order for ``tombstone_ttl`` seconds.  A create or update at or
+  below a tombstone is refused (``blocked``): a late create cannot resurrect
+  a deleted flow.  A delete of an unknown key also leaves a tombstone.
+  Tombstones are bounded (``tombstone_capacity``; the oldest go first,
+  counted).  Like Linux conntrack's dying list, they only need to outlive
+  the reordering window, which on one ordered gRPC stream plus snapshots is
+  seconds.
+* Replicas never expire on their own idle timer: their origin sends the
+  DELETE when the flow times out there (Linux conntrackd's external cache
+  behaves the same way).  The absolute ``deadline`` (apply time + the
+  timeout the origin sent) is kept for a node that takes the flow over.
+* *Orphans*, replicas whose origin left the membership
+  (:meth:`ReplicaStore.origin_left`), do expire: at
+  ``max(left_at + orphan_grace, deadline)``, unless another node takes the
+  flow over first (its record carries the new owner as origin) or the origin
+  comes back (:meth:`ReplicaStore.origin_joined`).  Nothing grows without
+  bound.
+* The store holds at most ``capacity`` live records; a record for a new key
+  beyond that is refused and counted (``full``) and the caller resyncs later.
+
+Sweeps support snapshot resync: :meth:`begin_sweep` starts remembering which
+keys of one origin are confirmed (by any record of that origin applied
+since), :meth:`end_sweep` removes that origin's records that were not, i.e.
+flows whose DELETE was lost.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import heapq
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import StrEnum
+
+from syncd.errors import ConfigError, Misuse
+from syncd.records import FlowRecord, Op
+
+__all__ = [
+    "Change",
+    "ChangeKind",
+    "Outcome",
+    "Page",
+    "Replica",
+    "ReplicaConfig",
+    "ReplicaStats",
+    "ReplicaStore",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaConfig:
+    # Live records held (all origins); a record for a new key beyond it is
+    # refused and counted, never an existing flow evicted.
+    capacity: int = 262144
+    # Tombstones held; beyond it the oldest is dropped early (counted).
+    tombstone_capacity: int = 65536
+    # Seconds a deleted key refuses records at or below the delete's version.
+    tombstone_ttl: float = 30.0
+    # Seconds an orphan is kept at least after its origin left, giving the
+    # hash ring time to hand its flows to a new owner.
+    orphan_grace: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.capacity <= 1 << 24:
+            raise ConfigError(f"replica capacity must be 1..16777216, not {self.capacity}")
+        if not 1 <= self.tombstone_capacity <= 1 << 24:
+            raise ConfigError(
+                f"tombstone_capacity must be 1..16777216, not {self.tombstone_capacity}"
+            )
+        if not 0 < self.tombstone_ttl <= 3600:
+            raise ConfigError(f"tombstone_ttl must be in (0, 3600], not {self.tombstone_ttl}")
+        if not 0 <= self.orphan_grace <= 86400:
+            raise ConfigError(f"orphan_grace must be 0..86400, not {self.orphan_grace}")
+
+
+class Outcome(StrEnum):
+    APPLIED = "applied"  # the store changed (a DELETE of an unknown key: tombstone only)
+    DUPLICATE = "duplicate"  # the same (version, origin) is already held
+    STALE = "stale"  # older than the held record or tombstone
+    BLOCKED = "blocked"  # a create/update at or below a tombstone: resurrection refused
+    FULL = "full"  # a new key while the store is at capacity (counted)
+
+
+class ChangeKind(StrEnum):
+    UPSERT = "upsert"  # the record was created or replaced
+    REMOVE = "remove"  # the record was removed (deleted, swept or expired orphan)
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    kind: ChangeKind
+    record: FlowRecord  # UPSERT: the record now held; REMOVE: the record removed
+
+
+@dataclass(frozen=True, slots=True)
+class Replica:
+    record: FlowRecord
+    deadline: float  # apply time + record.timeout: when the origin would idle it out
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    records: tuple[FlowRecord, ...]  # in increasing key order, all keys > the cursor
+    next_cursor: bytes  # last key examined: pass it to get the next page
+    last: bool  # no keys after this page
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaStats:
+    live: int  # records held
+    tombstones: int  # tombstones held
+    orphans: int  # live records whose origin has left
+    sweeps_active: int  # origins being resynced
+    applied: int  # applies that changed the store
+    duplicates: int
+    stale: int
+    blocked: int  # late creates refused by a tombstone
+    overflow: int  # records refused because the store was full
+    tombstone_overflow: int  # tombstones dropped before their TTL to stay bounded
+    expired_tombstones: int
+    expired_orphans: int
+    swept: int  # records removed at the end of a sweep (their DELETE was lost)
+
+
+@dataclass(frozen=True, slots=True)
+class _Tombstone:
+    order: tuple[int, str]  # (version, origin) of the delete
+    expires_at: float
+
+
+class ReplicaStore:
+    """All flows a node knows of, keyed by flow key; see the module docstring."""
+
+    def __init__(self, config: ReplicaConfig | None = None) -> None:
+        self._config = config or ReplicaConfig()
+        self._live: dict[bytes, Replica] = {}
+        self._by_origin: dict[str, set[bytes]] = {}
+        self._tombstones: dict[bytes, _Tombstone] = {}
+        # Tombstones in creation order: the TTL is constant, so this is also
+        # expiry order.  Entries whose tombstone was replaced are skipped.
+        self._tomb_fifo: deque[tuple[float, bytes]] = deque()
+        self._left: dict[str, float] = {}  # origin -> when it left the membership
+        self._orphan_heap: list[tuple[float, bytes]] = []  # (expiry, key), checked lazily
+        self._sweeps: dict[str, set[bytes]] = {}  # origin -> keys confirmed since begin
+        self._page_keys: dict[str, list[bytes]] = {}  # origin -> sorted keys for paging
+        self._counts = dict.fromkeys(
+            ("applied", "duplicates", "stale", "blocked", "overflow", "tombstone_overflow",
+             "expired_tombstones", "expired_orphans", "swept"),
+            0,
+        )  # fmt: skip
+
+    # --- reading ------------------------------------------------------------------
+
+    @property
+    def config(self) -> ReplicaConfig:
+        return self._config
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def get(self, key: bytes) -> Replica | None:
+        return self._live.get(key)
+
+    def records(self, origin: str | None = None) -> Iterator[FlowRecord]:
+        """Live records (of one origin if given), in no particular order."""
+        if origin is None:
+            return (rep.record for rep in self._live.values())
+        return (self._live[key].record for key in self._by_origin.get(origin, ()))
+
+    def tombstone(self, key: bytes) -> tuple[int, str] | None:
+        """The (version, origin) of the key's tombstone, if it has one."""
+        tomb = self._tombstones.get(key)
+        return tomb.order if tomb is not None else None
+
+    # --- applying ---------------------------------------------------------------------
+
+    def apply(self, op: Op, record: FlowRecord, now: float) -> tuple[Outcome, Change | None]:
+        """Apply one delta's op and record; returns what happened and the change made."""
+        sweep = self._sweeps.get(record.origin)
+        if sweep is not None:
+            sweep.add(record.key)
+        current = self._live.get(record.key)
+        if op is Op.DELETE:
+            outcome, change = self._delete(record, current, now)
+            if sweep is not None:
+                sweep.discard(record.key)
+        else:
+            outcome, change = self._upsert(record, current, now)
+        self._counts[_COUNTER[outcome]] += 1
+        return outcome, change
+
+    def _upsert(
+        self, record: FlowRecord, current: Replica | None, now: float
+    ) -> tuple[Outcome, Change | None]:
+        if current is not None:
+            if record.order == current.record.order:
+                return Outcome.DUPLICATE, None
+            if record.order < current.record.order:
+                return Outcome.STALE, None
+            self._remove(current.record)
+        else:
+            tomb = self._tombstones.get(record.key)
+            if tomb is not None and record.order <= tomb.order:
+                return Outcome.BLOCKED, None
+            if len(self._live) >= self._config.capacity:
+                return Outcome.FULL, None
+            if tomb is not None:
+                del self._tombstones[record.key]
+        self._insert(Replica(record, now + record.timeout))
+        return Outcome.APPLIED, Change(ChangeKind.UPSERT, record)
+
+    def _delete(
+        self, record: FlowRecord, current: Replica | None, now: float
+    ) -> tuple[Outcome, Change | None]:
+        if current is not None:
+            if record.order <= current.record.order:
+                return Outcome.STALE, None
+            self._remove(current.record)
+            self._bury(record.key, record.order, now)
+            return Outcome.APPLIED, Change(ChangeKind.REMOVE, current.record)
+        tomb = self._tombstones.get(record.key)
+        if tomb is not None and record.order <= tomb.order:
+            return (Outcome.DUPLICATE if record.order == tomb.order else Outcome.STALE), None
+        self._bury(record.key, record.order, now)
+        return Outcome.APPLIED, None
+
+    def _insert(self, replica: Replica) -> None:
+        record = replica.record
+        self._live[record.key] = replica
+        self._by_origin.setdefault(record.origin, set()).add(record.key)
+        if record.origin in self._left:
+            self._push_orphan(record.key)
+
+    def _push_orphan(self, key: bytes) -> None:
+        heap = self._orphan_heap
+        heapq.heappush(heap, (self._orphan_expiry(self._live[key]), key))
+        if len(heap) > 2 * len(self._live) + 64:  # stale entries piled up: rebuild
+            self._orphan_heap = [
+                (self._orphan_expiry(rep), k)
+                for k, rep in self._live.items()
+                if rep.record.origin in self._left
+            ]
+            heapq.heapify(self._orphan_heap)
+
+    def _remove(self, record: FlowRecord) -> None:
+        del self._live[record.key]
+        keys = self._by_origin[record.origin]
+        keys.discard(record.key)
+        if not keys:
+            del self._by_origin[record.origin]
+
+    def _bury(self, key: bytes, order: tuple[int, str], now: float) -> None:
+        if key not in self._tombstones and len(self._tombstones) >= self._config.tombstone_capacity:
+            self._drop_oldest_tombstone()
+        expires_at = now + self._config.tombstone_ttl
+        self._tombstones[key] = _Tombstone(order, expires_at)
+        self._tomb_fifo.append((expires_at, key))
+
+    def _drop_oldest_tombstone(self) -> None:
+        while self._tomb_fifo:
+            expires_at, key = self._tomb_fifo.popleft()
+            tomb = self._tombstones.get(key)
+            if tomb is not None and tomb.expires_at == expires_at:
+                del self._tombstones[key]
+                self._counts["tombstone_overflow"] += 1
+                return
+
+    # --- membership and expiry -------------------------------------------------------
+
+    def origin_left(self, origin: str, now: float) -> None:
+        """``origin`` left the membership: its replicas become orphans and expire."""
+        if origin in self._left:
+            return  # keep the first departure time: repeated events must not extend it
+        self._left[origin] = now
+        for key in self._by_origin.get(origin, ()):
+            self._push_orphan(key)
+
+    def origin_joined(self, origin: str) -> None:
+        """``origin`` is a member (again): its replicas are no longer orphans."""
+        self._left.pop(origin, None)
+
+    def _orphan_expiry(self, replica: Replica) -> float:
+        left_at = self._left[replica.record.origin]
+        return max(left_at + self._config.orphan_grace, replica.deadline)
+
+    def expire(self, now: float) -> list[Change]:
+        """Drop tombstones past their TTL and orphans past their expiry."""
+        fifo = self._tomb_fifo
+        while fifo and fifo[0][0] <= now:
+            expires_at, key = fifo.popleft()
+            tomb = self._tombstones.get(key)
+            if tomb is not None and tomb.expires_at == expires_at:
+                del self._tombstones[key]
+                self._counts["expired_tombstones"] += 1
+        changes: list[Change] = []
+        heap = self._orphan_heap
+        while heap and heap[0][0] <= now:
+            _, key = heapq.heappop(heap)
+            replica = self._live.get(key)
+            if replica is None or replica.record.origin not in self._left:
+                continue  # taken over, deleted, or its origin came back
+            expiry = self._orphan_expiry(replica)
+            if expiry > now:  # updated since this entry was pushed
+                heapq.heappush(heap, (expiry, key))
+                continue
+            self._remove(replica.record)
+            self._bury(key, replica.record.order, now)
+            self._counts["expired_orphans"] += 1
+            changes.append(Change(ChangeKind.REMOVE, replica.record))
+        return changes
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`expire` may next have work (possibly early, never late)."""
+        times = [q[0][0] for q in (self._tomb_fifo, self._orphan_heap) if q]
+        return min(times) if times else None
+
+    # --- resync support -----------------------------------------------------------------
+
+    def begin_sweep(self, origin: str) -> None:
+        """Start (or restart, forgetting earlier confirmations) a sweep of ``origin``."""
+        self._sweeps[origin] = set()
+
+    def sweeping(self, origin: str) -> bool:
+        return origin in self._sweeps
+
+    def end_sweep(self, origin: str, now: float) -> list[Change]:
+        """Remove ``origin``'s records not confirmed since :meth:`begin_sweep`."""
+        confirmed = self._sweeps.pop(origin, None)
+        if confirmed is None:
+            raise Misuse(f"no sweep of origin {origin!r} in progress")
+        stale = [k for k in self._by_origin.get(origin, ()) if k not in confirmed]
+        changes = []
+        for key in stale:
+            record = self._live[key].record
+            self._remove(record)
+            self._bury(key, record.order, now)
+            changes.append(Change(ChangeKind.REMOVE, record))
+        self._counts["swept"] += len(changes)
+        return changes
+
+    def cancel_sweep(self, origin: str) -> None:
+        self._sweeps.pop(origin, None)
+
+    def snapshot_page(self, origin: str, after: bytes, limit: int) -> Page:
+        """Up to ``limit`` of ``origin``'s records with keys above ``after``, in key order.
+
+        ``after=b""`` starts a new snapshot (the sorted key list is rebuilt).
+        Every key live from the start of a snapshot to the end is returned
+        exactly once; keys created or deleted meanwhile may or may not be, so
+        a snapshot is paired with the deltas numbered after its start.
+        """
+        if limit < 1:
+            raise Misuse(f"page limit must be >= 1, not {limit}")
+        keys = self._page_keys.get(origin)
+        if after == b"" or keys is None:
+            keys = self._page_keys[origin] = sorted(self._by_origin.get(origin, ()))
+        start = index = bisect.bisect_right(keys, after)
+        out: list[FlowRecord] = []
+        while index < len(keys) and len(out) < limit:
+            replica = self._live.get(keys[index])
+            if replica is not None and replica.record.origin == origin:
+                out.append(replica.record)
+            index += 1
+        last = index >= len(keys)
+        if last:
+            del self._page_keys[origin]  # free it; a later page request rebuilds it
+        return Page(tuple(out), keys[index - 1] if index > start else after, last)
+
+    def digest(self, bucket_count: int, origin: str | None = None) -> tuple[int, ...]:
+        """Per-bucket 64-bit hashes of the live records (of one origin if given).
+
+        A key always falls in the same bucket; a bucket's hash is the XOR of
+        its records' (key, version, origin) hashes, so two stores holding the
+        same records agree bucket by bucket whatever their insertion order,
+        and a mismatch names the buckets to compare (anti-entropy).
+        """
+        if not 1 <= bucket_count <= 1 << 16:
+            raise Misuse(f"bucket_count must be 1..65536, not {bucket_count}")
+        buckets = [0] * bucket_count
+        for record in self.records(origin):
+            slot = int.from_bytes(hashlib.blake2b(record.key, digest_size=8).digest(), "big")
+            content = record.key + record.version.to_bytes(8, "big") + record.origin.encode()
+            value = int.from_bytes(hashlib.blake2b(content, digest_size=8).digest(), "big")
+            buckets[slot % bucket_count] ^= value
+        return tuple(buckets)
+
+    def statistics(self) -> ReplicaStats:
+        orphans = sum(len(self._by_origin.get(o, ())) for o in self._left)
+        return ReplicaStats(
+            live=len(self._live),
+            tombstones=len(self._tombstones),
+            orphans=orphans,
+            sweeps_active=len(self._sweeps),
+            **self._counts,
+        )
+
+
+_COUNTER = {
+    Outcome.APPLIED: "applied",
+    Outcome.DUPLICATE: "duplicates",
+    Outcome.STALE: "stale",
+    Outcome.BLOCKED: "blocked",
+    Outcome.FULL: "overflow",
+}

@@ -1,0 +1,184 @@
+"""FlowRecord / Delta validation and strict wire conversion."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+
+from syncd._pb.stockade.sync.v1 import sync_pb2 as pb
+from syncd.errors import BadMessage, Misuse, PeerError
+from syncd.records import (
+    MAX_TIMEOUT,
+    MAX_U63,
+    Delta,
+    FlowRecord,
+    Op,
+    VersionClock,
+    check_node_id,
+    delta_from_pb,
+    delta_to_pb,
+    record_from_pb,
+    record_to_pb,
+)
+
+
+def record(**changes: Any) -> FlowRecord:
+    base = FlowRecord(
+        key=b"\x01\x02\x03",
+        proto=6,
+        family=4,
+        orig_src=0x0A000001,
+        orig_sport=40000,
+        orig_dst=0xC0A80101,
+        orig_dport=443,
+        state="ESTABLISHED",
+        assured=True,
+        timeout=431999.5,
+        origin="fw1",
+        version=7,
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def test_record_round_trips_through_the_wire() -> None:
+    for r in (record(), record(family=6, orig_src=(1 << 128) - 1, orig_dst=1, proto=17)):
+        msg = pb.FlowRecord.FromString(record_to_pb(r).SerializeToString())
+        assert record_from_pb(msg) == r
+
+
+def test_addresses_are_sent_big_endian_with_the_family_length() -> None:
+    msg = record_to_pb(record())
+    assert msg.orig_src == bytes([10, 0, 0, 1])
+    assert len(record_to_pb(record(family=6, orig_src=1, orig_dst=2)).orig_dst) == 16
+
+
+def test_delta_round_trips() -> None:
+    for op in Op:
+        d = Delta(op, "fw1", 42, record())
+        assert delta_from_pb(pb.Delta.FromString(delta_to_pb(d).SerializeToString())) == d
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"key": b""},
+        {"key": b"x" * 65},
+        {"family": 5},
+        {"orig_src": 1 << 32},
+        {"orig_dst": -1},
+        {"proto": 256},
+        {"orig_sport": 65536},
+        {"orig_dport": -1},
+        {"state": "established"},
+        {"state": ""},
+        {"state": "X" * 33},
+        {"timeout": -0.1},
+        {"timeout": MAX_TIMEOUT + 1},
+        {"timeout": float("nan")},
+        {"timeout": float("inf")},
+        {"origin": "Bad_Node"},
+        {"origin": ""},
+        {"version": 0},
+        {"version": MAX_U63 + 1},
+        {"assured": 1},
+        {"proto": True},
+    ],
+)
+def test_invalid_record_values_are_misuse(changes: dict[str, Any]) -> None:
+    with pytest.raises(Misuse):
+        record(**changes)
+
+
+def test_delta_checks_origin_and_seq() -> None:
+    with pytest.raises(Misuse):
+        Delta(Op.CREATE, "fw2", 1, record())
+    with pytest.raises(Misuse):
+        Delta(Op.CREATE, "fw1", 0, record())
+    with pytest.raises(Misuse):
+        Delta("create", "fw1", 1, record())  # type: ignore[arg-type]
+
+
+def good_pb() -> pb.FlowRecord:
+    return record_to_pb(record())
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("family", 0),
+        ("family", 6),  # addresses are 4 bytes: wrong length for IPv6
+        ("orig_src", b"\x01\x02\x03"),
+        ("orig_dst", b""),
+        ("key", b""),
+        ("key", b"k" * 1000),
+        ("proto", 300),
+        ("orig_sport", 70000),
+        ("state", "bad state"),
+        ("timeout", float("nan")),
+        ("timeout", -1.0),
+        ("timeout", 1e300),
+        ("origin", "UPPER"),
+        ("version", 0),
+        ("version", 1 << 63),
+    ],
+)
+def test_hostile_record_fields_are_bad_message(field: str, value: Any) -> None:
+    msg = good_pb()
+    setattr(msg, field, value)
+    with pytest.raises(BadMessage) as info:
+        record_from_pb(msg)
+    assert info.value.reason == "bad-record"
+    assert isinstance(info.value, PeerError)
+
+
+def test_hostile_delta_fields_are_bad_message() -> None:
+    ok = delta_to_pb(Delta(Op.UPDATE, "fw1", 3, record()))
+    cases = []
+    for mutate in (
+        lambda m: setattr(m, "op", 0),
+        lambda m: setattr(m, "op", 9),
+        lambda m: m.ClearField("record"),
+        lambda m: setattr(m, "origin", "fw2"),
+        lambda m: setattr(m, "seq", 0),
+        lambda m: setattr(m, "seq", 1 << 63),
+        lambda m: setattr(m.record, "family", 9),
+    ):
+        msg = pb.Delta()
+        msg.CopyFrom(ok)
+        mutate(msg)
+        cases.append(msg)
+    for msg in cases:
+        with pytest.raises(BadMessage):
+            delta_from_pb(msg)
+
+
+def test_node_id_shape() -> None:
+    assert check_node_id("fw1") and check_node_id("a-b-c")
+    assert not check_node_id("-a") and not check_node_id("a" * 32) and not check_node_id("A")
+    assert not check_node_id("fw1\n")
+
+
+def test_version_clock_grows_and_jumps_over_observed_versions() -> None:
+    clock = VersionClock(floor=5 << 32)
+    first = clock.next()
+    assert first == (5 << 32) + 1
+    clock.observe(first - 10)  # older: no effect
+    assert clock.next() == first + 1
+    clock.observe(9 << 32)
+    assert clock.next() == (9 << 32) + 1 and clock.last == (9 << 32) + 1
+
+
+def test_version_clock_bounds() -> None:
+    with pytest.raises(Misuse):
+        VersionClock(-1)
+    clock = VersionClock(MAX_U63 - 1)
+    assert clock.next() == MAX_U63
+    with pytest.raises(Misuse):
+        clock.next()
+
+
+def test_order_breaks_version_ties_by_origin() -> None:
+    assert record(origin="fw2").order > record(origin="fw1").order
+    assert record(version=8, origin="fw1").order > record(origin="fw2").order
