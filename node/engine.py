@@ -1,0 +1,194 @@
+"""The filter engine: raw packet bytes + ``now`` in, a :class:`Decision` out.
+
+CONTRACT used by the adapters (nfq, replay, bench):
+
+    engine = Engine(EngineConfig(...), ruleset)
+    d = engine.process(data, now, in_iface="veth0", out_iface="veth1")
+    d.verdict     -> Verdict.ACCEPT | Verdict.DROP | Verdict.REJECT
+    d.ct_state    -> "new" | "established" | "related" | "invalid"
+    d.rule        -> name of the matching rule, or None
+    d.reason      -> why a packet was INVALID / dropped outside the rules, or None
+    d.offload     -> True when the adapter may hand the flow to the kernel
+                     fast path (connmark) from this packet on; the adapter
+                     records it with engine.table.set_offloaded(key, True)
+    d.unoffload   -> True when an offloaded flow has left the states the
+                     kernel may carry alone (FIN or RST seen): the adapter
+                     clears the kernel mark so userspace sees the close
+    d.flow        -> the flow's snapshot after this packet, or None
+    d.events      -> flow events (created / state changed / deleted)
+    engine.expire(now) -> list of flow events;  engine.next_deadline() -> float | None
+    engine.swap_ruleset(ruleset)   (atomic: next packet uses the new one)
+    engine.statistics() -> EngineStats (frozen)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from node.errors import PacketError
+from node.flow.events import CtState, FlowEvent, FlowSnapshot
+from node.flow.table import FlowTable, TableConfig
+from node.packet import TCP, UDP, Packet, parse
+from node.policy import Action, Ruleset
+
+
+class Verdict(StrEnum):
+    ACCEPT = "accept"
+    DROP = "drop"
+    REJECT = "reject"  # adapter answers with TCP RST / ICMP unreachable
+
+
+_VERDICT_OF = {
+    Action.ACCEPT: Verdict.ACCEPT,
+    Action.DROP: Verdict.DROP,
+    Action.REJECT: Verdict.REJECT,
+}
+_NO_EVENTS: tuple[FlowEvent, ...] = ()
+# TCP states in which ordinary data packets may bypass userspace: the
+# kernel still sends every SYN/FIN/RST (and a per-flow sample) to us.
+_OFFLOADABLE_STATES = frozenset({"ESTABLISHED", "ASSURED"})
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    verdict: Verdict
+    ct_state: CtState
+    rule: str | None  # matching rule name; None for default/established/invalid paths
+    reason: str | None  # why INVALID or dropped outside the rules (counted)
+    offload: bool  # adapter may let the kernel accept this flow's data packets
+    events: tuple[FlowEvent, ...]
+    packet: Packet | None  # parsed packet (None when it could not be parsed)
+    unoffload: bool = False  # adapter must take the flow back from the kernel
+    flow: FlowSnapshot | None = None  # the flow after this packet
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    packets_total: int
+    verdicts: tuple[tuple[str, int], ...]  # (verdict, count)
+    ct_states: tuple[tuple[str, int], ...]  # (ct state, count)
+    drop_reasons: tuple[tuple[str, int], ...]  # (reason, count) outside the rules
+    ruleset_swaps_total: int
+
+
+class Engine:
+    """Parse -> track -> policy -> verdict.  Pure: time only arrives as ``now``."""
+
+    def __init__(self, table_config: TableConfig, ruleset: Ruleset) -> None:
+        self.table = FlowTable(table_config)
+        self._ruleset = ruleset
+        self._packets = 0
+        self._verdicts: dict[Verdict, int] = dict.fromkeys(Verdict, 0)
+        self._ct_states: dict[CtState, int] = dict.fromkeys(CtState, 0)
+        self._reasons: dict[str, int] = {}
+        self._swaps = 0
+
+    @property
+    def ruleset(self) -> Ruleset:
+        return self._ruleset
+
+    def swap_ruleset(self, ruleset: Ruleset) -> None:
+        """Atomically replace the ruleset: the next packet is judged by it.
+
+        Flows already admitted stay (as with Linux conntrack and an iptables
+        reload); only new flows meet the new rules, unless the ruleset sends
+        established traffic through the rules (``established: rules``).
+        """
+        self._ruleset = ruleset
+        self._swaps += 1
+
+    def process(
+        self, data: bytes, now: float, in_iface: str | None = None, out_iface: str | None = None
+    ) -> Decision:
+        self._packets += 1
+        try:
+            # The adapter may hand over only the first bytes of a packet
+            # (NFQUEUE copy range, capture snap length): headers suffice.
+            packet = parse(data, prefix=True)
+        except PacketError as e:
+            return self._invalid(None, f"malformed-{e.reason}", _NO_EVENTS, in_iface, out_iface)
+        if packet.is_fragment:
+            # With conntrack active the kernel reassembles before FORWARD
+            # (nf_defrag_ipv4/6); a fragment here is abnormal.  See node.packet.
+            return self._invalid(packet, "fragment", _NO_EVENTS, in_iface, out_iface)
+        return self.decide(packet, now, in_iface, out_iface)
+
+    def decide(
+        self, packet: Packet, now: float, in_iface: str | None = None, out_iface: str | None = None
+    ) -> Decision:
+        """Judge an already-parsed packet (used by ``process`` and by replay)."""
+        tracked = self.table.track(packet, now)
+        ct_state = tracked.ct_state
+        if ct_state is CtState.INVALID:
+            return self._invalid(
+                packet, tracked.reason or "invalid", tracked.events, in_iface, out_iface
+            )
+        match = self._ruleset.evaluate(packet, ct_state.value, in_iface, out_iface)
+        verdict = _VERDICT_OF[match.action]
+        events = tracked.events
+        flow = tracked.flow
+        reason: str | None = None
+        if ct_state is CtState.NEW and verdict is Verdict.ACCEPT and flow is None:
+            flow, created = self.table.admit(packet, now, match.rule)
+            events = events + created
+            if flow is None:
+                verdict, reason = Verdict.DROP, "table-full"
+        offload = (
+            verdict is Verdict.ACCEPT
+            and flow is not None
+            and ct_state is CtState.ESTABLISHED
+            and packet.proto in (TCP, UDP)
+            and flow.state in _OFFLOADABLE_STATES
+        )
+        unoffload = (
+            flow is not None
+            and flow.offloaded
+            and flow.state not in _OFFLOADABLE_STATES
+            and self.table.set_offloaded(flow.key, False)  # False: already deleted
+        )
+        decision = Decision(
+            verdict, ct_state, match.rule, reason, offload, events, packet, unoffload, flow
+        )
+        return self._count(decision)
+
+    def _invalid(
+        self,
+        packet: Packet | None,
+        reason: str,
+        events: tuple[FlowEvent, ...],
+        in_iface: str | None,
+        out_iface: str | None,
+    ) -> Decision:
+        if packet is None:
+            action = self._ruleset.invalid_action
+            rule = None
+        else:
+            match = self._ruleset.evaluate(packet, CtState.INVALID.value, in_iface, out_iface)
+            action, rule = match.action, match.rule
+        decision = Decision(
+            _VERDICT_OF[action], CtState.INVALID, rule, reason, False, events, packet
+        )
+        return self._count(decision)
+
+    def _count(self, d: Decision) -> Decision:
+        self._verdicts[d.verdict] += 1
+        self._ct_states[d.ct_state] += 1
+        if d.reason is not None:
+            self._reasons[d.reason] = self._reasons.get(d.reason, 0) + 1
+        return d
+
+    def expire(self, now: float) -> list[FlowEvent]:
+        return self.table.expire(now)
+
+    def next_deadline(self) -> float | None:
+        return self.table.next_deadline()
+
+    def statistics(self) -> EngineStats:
+        return EngineStats(
+            packets_total=self._packets,
+            verdicts=tuple((v.value, n) for v, n in self._verdicts.items()),
+            ct_states=tuple((c.value, n) for c, n in self._ct_states.items()),
+            drop_reasons=tuple(sorted(self._reasons.items())),
+            ruleset_swaps_total=self._swaps,
+        )
