@@ -1,0 +1,219 @@
+"""Run one filter node: rules -> engine -> NFQUEUE, until SIGTERM/SIGINT.
+
+Start order, chosen so no packet meets a half-built node:
+
+1. load the ruleset (a broken file: message, exit 2, nothing touched);
+2. bind the NFQUEUE (packets the rules will send already have a reader);
+3. install the iptables chains (removing a previous run's stale ones);
+4. clear FAST connmarks left by a previous run (no flow is fast-pathed
+   without this engine knowing it);
+5. start the control socket, then print ``stockade node <id> ready queue=<n>``.
+
+SIGHUP reloads the rules file exactly as the control ``reload`` command
+does: a broken file is refused and the running ruleset kept.
+
+Stop order: remove the chains (the kernel stops queueing to us), unbind,
+clear FAST marks, close the control socket.  Whatever happens, ``finally``
+removes the chains.  Once they are gone the hook no longer passes through
+Stockade at all (fail open): in a cluster the upstream router moves the
+traffic to the other nodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, TextIO
+
+from node.config import NodeConfig
+from node.control import ControlServer, jsonable
+from node.dataplane import Dataplane, MarkBits
+from node.engine import Engine
+from node.errors import BadInput, DataplaneError, NodeError
+from node.kernel_ct import KernelConntrack
+from node.nfq import NfqAdapter, kernel_queue_stats
+from node.policy import Ruleset, load_ruleset
+
+log = logging.getLogger("node.daemon")
+
+DEFAULT_FLOWS_LIMIT = 1000
+
+
+class Node:
+    """One running node: the engine with its adapters and the control commands."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        ruleset: Ruleset,
+        *,
+        marks: MarkBits | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.started = clock()
+        self.engine = Engine(config.table, ruleset)
+        self.dataplane = Dataplane(config, marks)
+        fast = config.fast_path.enabled
+        self.kernel_ct = KernelConntrack(self.dataplane.marks.fast) if fast else None
+        self.adapter = NfqAdapter(
+            self.engine, config.queue, self.dataplane.marks, offload=fast, clock=clock,
+            on_offloaded_delete=self.kernel_ct.forget if self.kernel_ct else None,
+        )  # fmt: skip
+        self.control = (
+            ControlServer(config.control_socket, self.handle) if config.control_socket else None
+        )
+
+    async def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.adapter.start(loop)
+        self.dataplane.install()
+        if self.kernel_ct is not None:
+            self.kernel_ct.start()
+            stale = await self.kernel_ct.flush_marks()
+            if stale:
+                log.info("cleared the fast-path mark of %d kernel flows from an earlier run", stale)
+        if self.control is not None:
+            await self.control.start()
+
+    async def stop(self) -> None:
+        """Undo :meth:`start`; every step runs even when an earlier one fails.
+
+        A node that failed to start touches only what it set up: its bind
+        failing first means another node may own this namespace's chains
+        and FAST marks, and those are left alone.
+        """
+        ours = self.dataplane.statistics().installed
+        steps: list[tuple[str, Callable[[], Any]]] = [("unbind NFQUEUE", self.adapter.stop)]
+        if ours:
+            steps.insert(0, ("remove iptables chains", self.dataplane.remove))
+        for what, step in steps:
+            try:
+                step()
+            except Exception as e:
+                log.error("shutdown: cannot %s: %s", what, e)
+        if self.kernel_ct is not None:
+            await self.kernel_ct.stop()
+            if ours:
+                await self.kernel_ct.flush_marks()
+            self.kernel_ct.close()
+        if self.control is not None:
+            await self.control.close()
+
+    # -- commands (control socket and SIGHUP) -------------------------------
+
+    def reload(self) -> dict[str, Any]:
+        """Re-read the rules file; on any error keep the running ruleset."""
+        running = self.engine.ruleset.revision
+        try:
+            ruleset = load_ruleset(self.config.rules_path)
+        except BadInput as e:
+            log.warning("reload refused, keeping revision %s: %s", running, e)
+            return {"ok": False, "error": str(e), "revision": running}
+        self.engine.swap_ruleset(ruleset)
+        log.info("reloaded rules: revision %s -> %s (%d rules)",
+                 running, ruleset.revision, len(ruleset.rules))  # fmt: skip
+        return {"ok": True, "revision": ruleset.revision, "previous": running}
+
+    def stats(self) -> dict[str, Any]:
+        engine = self.engine
+        return {
+            "node_id": self.config.node_id,
+            "uptime": round(self.clock() - self.started, 3),
+            "engine": jsonable(engine.statistics()),
+            "table": jsonable(engine.table.statistics()),
+            "ruleset": jsonable(engine.ruleset.statistics()),
+            "adapter": jsonable(self.adapter.statistics()),
+            "kernel_queue": jsonable(kernel_queue_stats(self.config.queue.num)),
+            "kernel_ct": jsonable(self.kernel_ct.statistics() if self.kernel_ct else None),
+            "dataplane": jsonable(self.dataplane.statistics()),
+        }
+
+    def flows(self, limit: int) -> dict[str, Any]:
+        from node.replay import flow_to_json
+
+        now = self.clock()
+        flows: list[dict[str, Any]] = []
+        for snapshot in self.engine.table.flows():
+            if len(flows) >= limit:
+                break
+            flows.append({**flow_to_json(snapshot, now), "offloaded": snapshot.offloaded})
+        return {"count": len(self.engine.table), "flows": flows}
+
+    async def handle(self, command: Mapping[str, Any]) -> dict[str, Any]:
+        cmd = command["cmd"]
+        if cmd == "ping":
+            return {"node_id": self.config.node_id}
+        if cmd == "stats":
+            return self.stats()
+        if cmd == "reload":
+            return self.reload()
+        if cmd == "flows":
+            limit = command.get("limit", DEFAULT_FLOWS_LIMIT)
+            if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+                return {"ok": False, "error": "limit must be a non-negative integer"}
+            return self.flows(limit)
+        return {"ok": False, "error": f"unknown command {cmd!r} (ping, stats, flows, reload)"}
+
+
+def configure_logging(node_id: str, stream: TextIO | None = None) -> None:
+    """One human line per event on stderr, naming the node."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(logging.Formatter(
+        f"%(asctime)s stockade node {node_id} %(levelname)s %(name)s: %(message)s"
+    ))  # fmt: skip
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+
+
+async def _serve(node: Node, out: TextIO) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, node.reload)
+    cfg = node.config
+    try:
+        await node.start(loop)
+        log.info("started: queue %d%s, hooks %s, fast path %s, control %s",
+                 cfg.queue.num, " (bypass)" if cfg.queue.bypass else "", ",".join(cfg.hooks),
+                 "on" if cfg.fast_path.enabled else "off", cfg.control_socket or "off")  # fmt: skip
+        print(f"stockade node {cfg.node_id} ready queue={cfg.queue.num}", file=out, flush=True)
+        await stop.wait()
+        log.info("stopping")
+        return 0
+    except DataplaneError as e:
+        log.error("cannot start: %s", e)
+        return 1
+    finally:
+        await node.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+
+
+def run_node(config: NodeConfig, out: TextIO | None = None) -> int:
+    """Run a node until SIGTERM/SIGINT.  Exit codes: 0 clean, 1 data plane, 2 rules."""
+    configure_logging(config.node_id)
+    try:
+        ruleset = load_ruleset(config.rules_path)
+    except BadInput as e:
+        log.error("cannot load rules: %s", e)
+        return 2
+    node = Node(config, ruleset)
+    try:
+        return asyncio.run(_serve(node, out or sys.stdout))
+    except NodeError as e:
+        log.error("failed: %s", e)
+        return 1
+    finally:
+        if node.dataplane.statistics().installed:
+            try:
+                node.dataplane.remove()
+            except DataplaneError as e:
+                log.error("cannot remove iptables chains: %s", e)
+        log.info("stopped")
