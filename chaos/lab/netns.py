@@ -228,6 +228,9 @@ class NetnsLab:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout)
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
         if proc in self._procs:
             self._procs.remove(proc)
         return proc.returncode
