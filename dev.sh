@@ -13,6 +13,7 @@ cd "$(dirname "$0")"
 APT_PACKAGES=(
     gcc libc6-dev libnetfilter-queue-dev libnfnetlink-dev   # build NetfilterQueue
     iptables conntrack iproute2 iputils-ping tcpdump procps iperf3
+    etcd-server etcd-client                                # cluster membership store
 )
 VENV=.venv
 SUDO=""

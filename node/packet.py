@@ -232,15 +232,21 @@ else:
     _new_packet = _PacketMaker
 
 
-def parse(data: bytes) -> Packet:
-    """Parse one IPv4 or IPv6 packet starting at the IP header."""
+def parse(data: bytes, *, prefix: bool = False) -> Packet:
+    """Parse one IPv4 or IPv6 packet starting at the IP header.
+
+    ``prefix=True`` accepts ``data`` that is only the first part of the
+    packet (NFQUEUE copies at most its copy range, a capture its snap
+    length): every header must still be complete, and ``length`` and
+    ``payload_len`` come from the IP and UDP headers instead of the bytes.
+    """
     if not data:
         raise PacketError("truncated", "empty packet")
     version = data[0] >> 4
     if version == 4:
-        return _parse_ipv4(data)
+        return _parse_ipv4(data, prefix)
     if version == 6:
-        return _parse_ipv6(data)
+        return _parse_ipv6(data, prefix)
     raise PacketError("bad-version", f"IP version {version}")
 
 
@@ -256,7 +262,7 @@ def parse_embedded(data: bytes) -> Packet:
 # --- IPv4 / IPv6 --------------------------------------------------------------
 
 
-def _parse_ipv4(data: bytes) -> Packet:
+def _parse_ipv4(data: bytes, prefix: bool) -> Packet:
     size = len(data)
     if size < 20:
         raise PacketError("truncated", f"{size} bytes, IPv4 header needs 20")
@@ -264,29 +270,32 @@ def _parse_ipv4(data: bytes) -> Packet:
     hlen = (vihl & 0x0F) << 2
     if hlen < 20:
         raise PacketError("bad-ihl", f"IHL {hlen >> 2}")
-    if total < hlen or total > size:
+    if total < hlen or (total > size and not prefix) or hlen > size:
         raise PacketError("bad-total-length", f"total length {total}, header {hlen}, have {size}")
+    end = min(total, size)  # headers must lie within the bytes we have
     if frag & 0x3FFF:  # MF flag or a fragment offset
-        return _fragment(4, src, dst, proto, total, ttl, not frag & 0x1FFF, data, hlen, total)
-    return _transport(4, src, dst, proto, total, ttl, False, data, hlen, total)
+        return _fragment(4, src, dst, proto, total, ttl, not frag & 0x1FFF, data, hlen, end)
+    return _transport(4, src, dst, proto, total, ttl, False, data, hlen, end)
 
 
-def _parse_ipv6(data: bytes) -> Packet:
+def _parse_ipv6(data: bytes, prefix: bool) -> Packet:
     size = len(data)
     if size < 40:
         raise PacketError("truncated", f"{size} bytes, IPv6 header needs 40")
     _vtf, plen, nh, hlim, src_hi, src_lo, dst_hi, dst_lo = _IPV6.unpack_from(data)
-    end = 40 + plen
-    if end > size:
+    length = 40 + plen
+    if length > size and not prefix:
         raise PacketError("bad-payload-length", f"payload length {plen}, have {size - 40}")
+    end = min(length, size)  # headers must lie within the bytes we have
     src = (src_hi << 64) | src_lo
     dst = (dst_hi << 64) | dst_lo
     if nh not in _EXT_HEADERS:
-        return _transport(6, src, dst, nh, end, hlim, False, data, 40, end)
+        return _transport(6, src, dst, nh, length, hlim, False, data, 40, end)
     proto, off, frag = _walk_ipv6(data, nh, 40, end)
     if frag:
-        return _fragment(6, src, dst, proto, end, hlim, frag == _FIRST_FRAGMENT, data, off, end)
-    return _transport(6, src, dst, proto, end, hlim, False, data, off, end)
+        first = frag == _FIRST_FRAGMENT
+        return _fragment(6, src, dst, proto, length, hlim, first, data, off, end)
+    return _transport(6, src, dst, proto, length, hlim, False, data, off, end)
 
 
 def _walk_ipv6(data: bytes, nh: int, off: int, end: int) -> tuple[int, int, int]:
@@ -370,16 +379,16 @@ def _transport(
         wscale = _window_scale(data, off + 20, off + thlen) if flags & SYN and thlen > 20 else None
         return _new_packet(
             family, src, dst, TCP, sport, dport, length, flags, seq, ack, window, wscale,
-            end - off - thlen, -1, -1, None, is_fragment, ttl,
+            length - off - thlen, -1, -1, None, is_fragment, ttl,
         )  # fmt: skip
     if proto == UDP:
         if end - off < 8:
             raise PacketError("truncated", f"{end - off} bytes, UDP header needs 8")
         sport, dport, ulen = _UDP.unpack_from(data, off)
         if is_fragment:  # the length covers fragments not yet seen
-            ulen = end - off
-        elif ulen < 8 or ulen > end - off:
-            raise PacketError("bad-udp-length", f"UDP length {ulen}, {end - off} bytes")
+            ulen = length - off
+        elif ulen < 8 or ulen > length - off:
+            raise PacketError("bad-udp-length", f"UDP length {ulen}, {length - off} bytes")
         return _new_packet(
             family, src, dst, UDP, sport, dport, length, 0, 0, 0, 0, None, ulen - 8, -1, -1, None,
             is_fragment, ttl,

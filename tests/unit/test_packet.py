@@ -443,3 +443,18 @@ def test_parse_addr_rejects_non_addresses(text: str) -> None:
 def test_format_addr_misuse(family: int, value: int) -> None:
     with pytest.raises(Misuse):
         format_addr(family, value)
+
+
+def test_prefix_capture_takes_lengths_from_headers():
+    # NFQUEUE hands over at most its copy range; pcap files at most the snap length.
+    full = tcp4(A4, 1000, B4, 80, ACK, seq=1, ack=1, payload=b"x" * 3000)
+    p = parse(full[:80], prefix=True)
+    assert (p.length, p.payload_len, p.dport) == (len(full), 3000, 80)
+    with pytest.raises(PacketError) as e:
+        parse(full[:80])
+    assert e.value.reason == "bad-total-length"
+    u6 = udp6(A6, 53, B6, 5353, b"y" * 2000)
+    p6 = parse(u6[:64], prefix=True)
+    assert (p6.length, p6.payload_len) == (len(u6), 2000)
+    with pytest.raises(PacketError):
+        parse(full[:30], prefix=True)  # the TCP header itself is cut
