@@ -40,7 +40,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = REPO_ROOT / "proto"
 PB_DIR = REPO_ROOT / "syncd" / "_pb"
 # Proto files compiled, relative to PROTO_ROOT.
-PROTO_FILES = ("stockade/sync/v1/sync.proto",)
+PROTO_FILES = ("stockade/sync/v1/sync.proto", "stockade/sync/v1/local.proto")
 # Python package under which PROTO_ROOT's tree is importable.
 PB_PACKAGE = "syncd._pb"
 
