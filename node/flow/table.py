@@ -32,9 +32,10 @@ tracker; fragments are INVALID (``fragment``) because they carry no ports,
 so reassemble first (the kernel does it before conntrack).
 
 Memory: flows live in ``array`` columns indexed by a slot number, with one
-dict from key to slot.  About 270 bytes per IPv4 flow in all (see
-``statistics`` and the module's measurement note in the report); snapshots
-are built only for callers and events.
+dict from key (plain ``bytes``) to slot; snapshots are built only for
+callers and events.  Measured with tracemalloc at 1M IPv4 flows: 280 bytes
+per flow in all (IPv6 keys add 24).  Nothing per flow is tracked by the
+cyclic garbage collector.
 """
 
 from __future__ import annotations
@@ -513,7 +514,7 @@ class FlowTable:
             proto,
             family,
             _TCP_NAMES[self._state[slot]] if proto == TCP else self._state_name(slot),
-            bool(flags & _F_ASSURED),
+            (flags & _F_ASSURED) != 0,
             self._created[slot],
             self._last_seen[slot],
             self._deadline[slot],
@@ -522,7 +523,7 @@ class FlowTable:
             self._bytes[i],
             self._bytes[i + 1],
             self._rule_names[self._rule[slot]],
-            bool(flags & _F_OFFLOADED),
+            (flags & _F_OFFLOADED) != 0,
         )
 
     # --- timers -------------------------------------------------------------------
