@@ -14,6 +14,7 @@ APT_PACKAGES=(
     gcc libc6-dev libnetfilter-queue-dev libnfnetlink-dev   # build NetfilterQueue
     iptables conntrack iproute2 iputils-ping tcpdump procps iperf3
     etcd-server etcd-client                                # cluster membership store
+    prometheus                                             # promtool, scrape test
 )
 VENV=.venv
 SUDO=""

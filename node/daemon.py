@@ -3,6 +3,8 @@
 Start order, chosen so no packet meets a half-built node:
 
 1. load the ruleset (a broken file: message, exit 2, nothing touched);
+   then open the flow log file and the metrics endpoint, when configured
+   (a bad path or a taken port: message, exit 1, nothing else touched);
 2. bind the NFQUEUE (packets the rules will send already have a reader);
 3. install the iptables chains (removing a previous run's stale ones);
 4. clear FAST connmarks left by a previous run (no flow is fast-pathed
@@ -13,7 +15,8 @@ SIGHUP reloads the rules file exactly as the control ``reload`` command
 does: a broken file is refused and the running ruleset kept.
 
 Stop order: remove the chains (the kernel stops queueing to us), unbind,
-clear FAST marks, close the control socket.  Whatever happens, ``finally``
+clear FAST marks, close the control socket, write the rest of the flow log
+and close it, close the metrics endpoint.  Whatever happens, ``finally``
 removes the chains.  Once they are gone the hook no longer passes through
 Stockade at all (fail open): in a cluster the upstream router moves the
 traffic to the other nodes.
@@ -22,6 +25,7 @@ traffic to the other nodes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -33,8 +37,10 @@ from node.config import NodeConfig
 from node.control import ControlServer, jsonable
 from node.dataplane import Dataplane, MarkBits
 from node.engine import Engine
-from node.errors import BadInput, DataplaneError, NodeError
+from node.errors import BadInput, ConfigError, DataplaneError, NodeError
+from node.flowlog import FlowLog, FlowLogFile, LoggingEngine, pump
 from node.kernel_ct import KernelConntrack
+from node.metrics import MetricSources, MetricsServer, NodeCollector
 from node.nfq import NfqAdapter, kernel_queue_stats
 from node.policy import Ruleset, load_ruleset
 
@@ -57,7 +63,15 @@ class Node:
         self.config = config
         self.clock = clock
         self.started = clock()
-        self.engine = Engine(config.table, ruleset)
+        self.flow_log: FlowLog | None = None
+        self.flow_log_file: FlowLogFile | None = None
+        self.engine: Engine
+        if config.flow_log is None:
+            self.engine = Engine(config.table, ruleset)
+        else:
+            self.flow_log = FlowLog(config.node_id, config.flow_log, self.started)
+            self.flow_log_file = FlowLogFile(config.flow_log.path, config.flow_log.max_bytes)
+            self.engine = LoggingEngine(config.table, ruleset, self.flow_log)
         self.dataplane = Dataplane(config, marks)
         fast = config.fast_path.enabled
         self.kernel_ct = KernelConntrack(self.dataplane.marks.fast) if fast else None
@@ -68,8 +82,36 @@ class Node:
         self.control = (
             ControlServer(config.control_socket, self.handle) if config.control_socket else None
         )
+        self.metrics: MetricsServer | None = None
+        if config.metrics is not None:
+            collector = NodeCollector(config.node_id, self.metric_sources())
+            self.metrics = MetricsServer(collector, config.metrics.host, config.metrics.port)
+        self._pump: asyncio.Task[None] | None = None
+
+    def metric_sources(self) -> MetricSources:
+        """Every component's snapshot, for the Prometheus collector."""
+        engine, flow_log, flow_log_file = self.engine, self.flow_log, self.flow_log_file
+        return MetricSources(
+            engine=engine.statistics,
+            table=engine.table.statistics,
+            ruleset=lambda: engine.ruleset.statistics(),  # the ruleset of the moment
+            adapter=self.adapter.statistics,
+            kernel_queue=lambda: kernel_queue_stats(self.config.queue.num),
+            kernel_ct=self.kernel_ct.statistics if self.kernel_ct else None,
+            dataplane_installed=lambda: self.dataplane.statistics().installed,
+            flow_log=flow_log.statistics if flow_log else None,
+            flow_log_file=flow_log_file.statistics if flow_log_file else None,
+        )
 
     async def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.flow_log is not None and self.flow_log_file is not None:
+            self.flow_log_file.open()
+            self._pump = loop.create_task(
+                pump(self.flow_log, self.flow_log_file, self.clock, time.time)
+            )
+            self._pump.add_done_callback(_report_pump_failure)
+        if self.metrics is not None:
+            await self.metrics.start()
         self.adapter.start(loop)
         self.dataplane.install()
         if self.kernel_ct is not None:
@@ -103,6 +145,13 @@ class Node:
             self.kernel_ct.close()
         if self.control is not None:
             await self.control.close()
+        if self._pump is not None:
+            self._pump.cancel()  # the pump writes what is left, then closes the file
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._pump
+            self._pump = None
+        if self.metrics is not None:
+            await self.metrics.close()
 
     # -- commands (control socket and SIGHUP) -------------------------------
 
@@ -131,6 +180,11 @@ class Node:
             "kernel_queue": jsonable(kernel_queue_stats(self.config.queue.num)),
             "kernel_ct": jsonable(self.kernel_ct.statistics() if self.kernel_ct else None),
             "dataplane": jsonable(self.dataplane.statistics()),
+            "flow_log": jsonable(self.flow_log.statistics() if self.flow_log else None),
+            "flow_log_file": jsonable(
+                self.flow_log_file.statistics() if self.flow_log_file else None
+            ),
+            "metrics": jsonable(self.metrics.statistics() if self.metrics else None),
         }
 
     def flows(self, limit: int) -> dict[str, Any]:
@@ -160,6 +214,11 @@ class Node:
         return {"ok": False, "error": f"unknown command {cmd!r} (ping, stats, flows, reload)"}
 
 
+def _report_pump_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("flow log stopped: %r", task.exception(), exc_info=task.exception())
+
+
 def configure_logging(node_id: str, stream: TextIO | None = None) -> None:
     """One human line per event on stderr, naming the node."""
     handler = logging.StreamHandler(stream or sys.stderr)
@@ -180,14 +239,17 @@ async def _serve(node: Node, out: TextIO) -> int:
     cfg = node.config
     try:
         await node.start(loop)
-        log.info("started: queue %d%s, hooks %s, fast path %s, control %s",
+        metrics = f"{cfg.metrics.host}:{node.metrics.port}" if cfg.metrics and node.metrics else ""
+        log.info("started: queue %d%s, hooks %s, fast path %s, control %s, metrics %s, flow log %s",
                  cfg.queue.num, " (bypass)" if cfg.queue.bypass else "", ",".join(cfg.hooks),
-                 "on" if cfg.fast_path.enabled else "off", cfg.control_socket or "off")  # fmt: skip
+                 "on" if cfg.fast_path.enabled else "off", cfg.control_socket or "off",
+                 metrics or "off",
+                 cfg.flow_log.path if cfg.flow_log else "off")  # fmt: skip
         print(f"stockade node {cfg.node_id} ready queue={cfg.queue.num}", file=out, flush=True)
         await stop.wait()
         log.info("stopping")
         return 0
-    except DataplaneError as e:
+    except (DataplaneError, ConfigError) as e:
         log.error("cannot start: %s", e)
         return 1
     finally:
