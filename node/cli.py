@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     reload = rules_sub.add_parser("reload", help="make a running node re-read its rules file")
     reload.add_argument("--socket", required=True, help="the node's control socket")
     reload.set_defaults(handler=_cmd_rules_reload)
+    from cluster.rules import add_rules_subcommands
+
+    add_rules_subcommands(rules_sub)  # apply, history, show, rollback (cluster, etcd)
 
     from node.replay import add_arguments as add_replay_arguments
 
