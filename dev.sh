@@ -15,6 +15,7 @@ APT_PACKAGES=(
     iptables conntrack iproute2 iputils-ping tcpdump procps iperf3
     etcd-server etcd-client                                # cluster membership store
     prometheus                                             # promtool, scrape test
+    mmdebstrap docker-compose                              # compose lab base image
 )
 VENV=.venv
 SUDO=""
