@@ -84,6 +84,11 @@ class Topology:
             _run(["ip", "netns", "add", ns])
             self._created.append(ns)
             self.ip(ns, "link", "set", "lo", "up")
+        # Forwarding before any interface exists: toggling it later
+        # re-initialises IPv6 on the interfaces and the first neighbour
+        # solicitations are lost (a one-second stall on the first packet).
+        self.exec(self.fw, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        self.exec(self.fw, ["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])
         _run(["ip", "link", "add", "eth0", "netns", self.client, "type", "veth",
               "peer", "name", "cl0", "netns", self.fw])  # fmt: skip
         _run(["ip", "link", "add", "eth0", "netns", self.server, "type", "veth",
@@ -96,10 +101,16 @@ class Topology:
         self.ip(self.client, "-6", "route", "add", "default", "via", FW_CLIENT6)
         self.ip(self.server, "route", "add", "default", "via", FW_SERVER4)
         self.ip(self.server, "-6", "route", "add", "default", "via", FW_SERVER6)
-        self.exec(self.fw, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
-        self.exec(self.fw, ["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])
+        # Usable when the fixture returns: one ping over each link and family
+        # (a fresh veth answers its first IPv6 solicitation only after ~1 s).
+        for ns, addrs in ((self.client, (FW_CLIENT4, FW_CLIENT6)),
+                          (self.server, (FW_SERVER4, FW_SERVER6))):  # fmt: skip
+            for addr in addrs:
+                self.exec(ns, ["ping", "-c", "1", "-W", "1", "-w", "5", addr])
 
     def _address(self, ns: str, dev: str, v4: str, v6: str) -> None:
+        # The veth was born in the root namespace with its defaults.
+        self.exec(ns, ["sysctl", "-qw", f"net.ipv6.conf.{dev}.accept_dad=0"])
         self.ip(ns, "addr", "add", v4, "dev", dev)
         self.ip(ns, "-6", "addr", "add", v6, "dev", dev, "nodad")
         self.ip(ns, "link", "set", dev, "up")
