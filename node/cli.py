@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_replay_arguments(replay)
     replay.set_defaults(handler=_cmd_replay)
 
-    for module in ("node.bench", "chaos.demo"):
+    for module in ("node.bench", "chaos.demo", "syncd.cli"):
         _add_optional(sub, module)
     return parser
 

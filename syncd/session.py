@@ -23,9 +23,12 @@ deltas are numbered per (origin, epoch) and batched (flush at
 receiver applies them strictly in order, drops duplicates, and acks
 cumulatively; a delta after a hole gets an ack with ``gap`` set, which makes
 the sender go back to the hole at once; otherwise unacked deltas are resent
-after ``resend_after``.  Hello carries each side's cursor, so after a
-reconnect the sender resends from the first unapplied delta.  When that is
-no longer in the outbox (overflow, or a peer that was away too long) the
+after ``resend_after``.  At most ``max_in_flight`` deltas are sent and
+unacked at a time (TCP's send window), so a resend is bounded too, and
+resends and snapshot-request retries that bring no progress back off
+exponentially (RFC 6298 s5.5).  Hello carries each side's cursor, so after
+a reconnect the sender resends from the first unapplied delta.  When that
+is no longer in the outbox (overflow, or a peer that was away too long) the
 sender says ``ResyncRequired``; the receiver then pulls a snapshot of the
 origin's flows page by page (``SnapshotRequest``/``SnapshotChunk``, retried
 after ``resend_after``).  Deltas are dropped until the first page gives the
@@ -94,6 +97,9 @@ PROTOCOL: Final = 1  # Hello.protocol spoken here
 MAX_BATCH_DELTAS: Final = 4096  # larger batches from a peer are BadMessage
 MAX_PAGE_RECORDS: Final = 4096  # larger snapshot pages (asked or received) are BadMessage
 MAX_SEEN: Final = 1024  # cursors in one Hello
+# A resend or snapshot-request retry without progress doubles its wait, up
+# to resend_after * 2**MAX_BACKOFF (RFC 6298 s5.5); progress resets it.
+MAX_BACKOFF: Final = 5
 
 
 class State(StrEnum):
@@ -178,6 +184,11 @@ class SessionConfig:
     # Seconds to wait before resyncing after the replica store refused a
     # record for lack of room (a snapshot right away would overflow again).
     full_resync_holdoff: float = 1.0
+    # Deltas sent and not yet acked, at most (the send window).  Without it
+    # every resend timeout re-sent the whole unacked outbox: on a real stream
+    # a peer that had to drop them (pulling a snapshot after a restart) got a
+    # backlog that delayed its snapshot pages past their retry, forever.
+    max_in_flight: int = 2048
 
     def __post_init__(self) -> None:
         if not self.cluster_id or len(self.cluster_id) > 64:
@@ -188,6 +199,8 @@ class SessionConfig:
             raise ConfigError(f"snapshot_page must be 1..{MAX_PAGE_RECORDS}")
         if not 1 <= self.max_pending_pages <= 1024:
             raise ConfigError("max_pending_pages must be 1..1024")
+        if not 1 <= self.max_in_flight <= 1 << 24:
+            raise ConfigError(f"max_in_flight must be 1..16777216, not {self.max_in_flight}")
         if not 0 <= self.batch_delay <= 1:
             raise ConfigError(f"batch_delay must be 0..1 s, not {self.batch_delay}")
         if not 0 < self.heartbeat_interval < self.suspect_after < self.dead_after <= 3600:
@@ -287,6 +300,11 @@ class Outbox:
     @property
     def unsent(self) -> int:
         return max(0, self.last_seq - self.next_send + 1)
+
+    @property
+    def sent_unacked(self) -> int:
+        """Deltas handed out for sending, still held and not acked (the window in use)."""
+        return max(0, self.next_send - 1 - max(self.acked, self.lost_upto))
 
     @property
     def in_flight(self) -> bool:
@@ -496,6 +514,8 @@ class PeerSession:
         self._now = 0.0  # latest time seen, returned by next_deadline when work is queued
         self._rto_at: float | None = None
         self._request_at: float | None = None  # when the pending snapshot request was sent
+        self._request_wait = config.resend_after  # before retrying it (backs off)
+        self._rto_wait = config.resend_after  # before resending unacked deltas (backs off)
         # When our Hello was last sent, until the peer shows it has it.
         self._hello_at: float | None = None
         self._full_resync_at: float | None = None
@@ -592,8 +612,8 @@ class PeerSession:
             self._send_hello(now)
         if self._rto_at is not None and now >= self._rto_at and self._peer_epoch:
             self._retransmit(now)
-        if self._request_at is not None and now >= self._request_at + self.config.resend_after:
-            self._send_request(now)
+        if self._request_at is not None and now >= self._request_at + self._request_wait:
+            self._send_request(now, retry=True)
         if self._full_resync_at is not None and now >= self._full_resync_at:
             self._full_resync_at = None
             if not self._inbox.pulling:
@@ -616,7 +636,7 @@ class PeerSession:
             out += self._resync_notice()
             out += self._batches(now)
             if self._rto_at is None and self._awaiting_peer():
-                self._rto_at = now + self.config.resend_after
+                self._rto_at = now + self._rto_wait
         if not out and now >= self._last_sent + self.config.heartbeat_interval:
             self._heartbeats += 1
             self._counts["heartbeats_sent"] += 1
@@ -639,11 +659,11 @@ class PeerSession:
         )
         times = [self._last_heard + silence, self._last_sent + self.config.heartbeat_interval]
         oldest = self._outbox.oldest_unsent_at() if self._peer_epoch else None
-        if oldest is not None:
+        if oldest is not None and self._outbox.sent_unacked < self.config.max_in_flight:
             full = self._outbox.unsent >= self.config.batch_max
             times.append(oldest if full else oldest + self.config.batch_delay)
         if self._request_at is not None:
-            times.append(self._request_at + self.config.resend_after)
+            times.append(self._request_at + self._request_wait)
         if self._hello_at is not None:
             times.append(self._hello_at + self.config.resend_after)
         times += [t for t in (self._rto_at, self._full_resync_at) if t is not None]
@@ -776,7 +796,8 @@ class PeerSession:
             raise PeerError("ack-beyond-sent", f"ack {ack.seq}, last sent {self._outbox.last_seq}")
         if self._outbox.ack(ack.seq):
             self._rewound_for = -1
-            self._rto_at = now + self.config.resend_after if self._awaiting_peer() else None
+            self._rto_wait = self.config.resend_after
+            self._rto_at = now + self._rto_wait if self._awaiting_peer() else None
         if ack.gap and self._rewound_for != ack.seq:
             self._rewound_for = ack.seq  # one fast rewind per hole; the timer does the rest
             self._outbox.rewind(ack.seq + 1)
@@ -896,8 +917,17 @@ class PeerSession:
         if done:
             actions.append(ReplicaChanged(done))
 
-    def _send_request(self, now: float) -> None:
-        """Queue the snapshot request for the inbox's cursor (a new id each time)."""
+    def _send_request(self, now: float, retry: bool = False) -> None:
+        """Queue the snapshot request for the inbox's cursor (a new id each time).
+
+        A ``retry`` waits twice as long as the last one for its reply: a big
+        first page (the sender sorts every key) must not be asked for again
+        and again before its answer can arrive.
+        """
+        resend = self.config.resend_after
+        self._request_wait = (
+            min(self._request_wait * 2, resend * 2**MAX_BACKOFF) if retry else resend
+        )
         inbox = self._inbox
         if not inbox.cursor:
             inbox.base = None
@@ -915,7 +945,9 @@ class PeerSession:
         self._counts["retransmits"] += 1
         self._outbox.rewind(self._outbox.acked + 1)
         self._notice_due = self._notice_due or self._outbox.needs_snapshot
-        self._rto_at = now + self.config.resend_after if self._awaiting_peer() else None
+        # No ack progress since the last resend: wait longer before the next.
+        self._rto_wait = min(self._rto_wait * 2, self.config.resend_after * 2**MAX_BACKOFF)
+        self._rto_at = now + self._rto_wait if self._awaiting_peer() else None
 
     def _awaiting_peer(self) -> bool:
         """Something sent needs the peer's ack: unacked deltas or a resync notice."""
@@ -944,7 +976,9 @@ class PeerSession:
         if outbox.unsent < self.config.batch_max and now < oldest + self.config.batch_delay:
             return []
         out = []
-        while deltas := outbox.take(self.config.batch_max):
+        room = self.config.max_in_flight - outbox.sent_unacked  # acks reopen the window
+        while room > 0 and (deltas := outbox.take(min(self.config.batch_max, room))):
+            room -= len(deltas)
             batch = pb.Batch(
                 origin=self.local, epoch=outbox.epoch, deltas=[delta_to_pb(d) for d in deltas]
             )

@@ -31,17 +31,25 @@ Differences: UDP is assured on its first reply (current kernels also wait
 tracker; fragments are INVALID (``fragment``) because they carry no ports,
 so reassemble first (the kernel does it before conntrack).
 
+Replicas (flows held for another node, installed from the sync daemon with
+``install`` / ``remove_replica``, versioned with ``stamp``) follow the rules
+in ``node.flow.replica``: no idle expiry here, liberal TCP tracking, a
+takeover when local traffic changes their state, tombstones against late
+creates, and no events that would echo back to the cluster.
+
 Memory: flows live in ``array`` columns indexed by a slot number, with one
 dict from key (plain ``bytes``) to slot; snapshots are built only for
 callers and events.  Measured with tracemalloc at 1M IPv4 flows: 280 bytes
-per flow in all (IPv6 keys add 24).  Nothing per flow is tracked by the
-cyclic garbage collector.
+per flow in all (IPv6 keys add 24), before the origin and version columns
+(10 bytes more).  Nothing per flow is tracked by the cyclic garbage
+collector.
 """
 
 from __future__ import annotations
 
+import math
 from array import array
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final
@@ -58,9 +66,20 @@ from node.flow.events import (
     frozen_builder,
 )
 from node.flow.key import FlowKey, flow_key_bytes
+from node.flow.replica import (
+    ApplyOutcome,
+    CheckedRecord,
+    FlowOrigin,
+    Order,
+    Origins,
+    RecordLike,
+    ReplicaDeleted,
+    Tombstones,
+    check_record,
+)
 from node.flow.tcp import TcpInput, TcpOutcome, TcpState, TcpTracker, classify, valid_flags
 from node.flow.timeouts import DeadlineHeap, Timeouts
-from node.packet import ICMP, ICMPV6, TCP, UDP, Packet
+from node.packet import ACK, ICMP, ICMPV6, TCP, UDP, Packet
 
 __all__ = ["FlowTable", "TableConfig", "TableStats", "Tracked"]
 
@@ -73,6 +92,8 @@ class TableConfig:
     timeouts: Timeouts = field(default_factory=Timeouts)  # idle timeouts per protocol state
     tcp_liberal: bool = False  # never mark TCP out of window (tracking still updates)
     tcp_loose: bool = False  # pick up TCP mid-stream from an ACK (off: sync carries flows)
+    tombstone_capacity: int = 65536  # deleted keys remembered against late creates
+    tombstone_ttl: float = 30.0  # seconds a deleted key refuses older records
 
     def __post_init__(self) -> None:
         if isinstance(self.capacity, bool) or not isinstance(self.capacity, int):
@@ -84,6 +105,12 @@ class TableConfig:
         for name in ("tcp_liberal", "tcp_loose"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}: {getattr(self, name)!r} is not a boolean")
+        cap = self.tombstone_capacity
+        if isinstance(cap, bool) or not isinstance(cap, int) or not 1 <= cap <= 1 << 24:
+            raise ConfigError(f"tombstone_capacity: {cap!r} not in 1..{1 << 24}")
+        ttl = self.tombstone_ttl
+        if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl <= 3600:
+            raise ConfigError(f"tombstone_ttl: {ttl!r} not in (0, 3600] seconds")
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +134,12 @@ class TableStats:
     invalid_total: Mapping[str, int]  # INVALID verdicts of track(), by reason
     ignored_total: int  # TCP packets accepted without tracking (kernel IGNORE)
     heap_entries: int  # deadline-heap entries; always equals entries
+    replicas: int  # entries held for another node (also in entries)
+    replica_applied_total: Mapping[str, int]  # install/remove_replica results, by ApplyOutcome
+    takeovers_total: int  # replicas that local traffic turned into own flows
+    swept_total: int  # replicas removed because syncd no longer held them (lost DELETEs)
+    tombstones: int  # deleted keys remembered against late creates
+    tombstones_dropped_total: int  # tombstones dropped early because the set was full
 
 
 # Reason tokens of INVALID verdicts.
@@ -133,11 +166,20 @@ _F_ORIG_IS_A: Final = 1  # the original direction is key endpoint A -> B
 _F_SEEN_REPLY: Final = 2  # a reply-direction packet was accepted
 _F_ASSURED: Final = 4  # exempt from early drop
 _F_OFFLOADED: Final = 8  # forwarded by the kernel fast path; TCP tracked liberally
+_F_REPLICA: Final = 16  # held for another node (node.flow.replica): no idle expiry here
+_F_UNCONFIRMED: Final = 32  # a sweep is running and syncd has not confirmed this flow yet
+# Window data of these flows is partial by design: never call a packet out of window.
+_F_TRACK_LIBERALLY: Final = _F_OFFLOADED | _F_REPLICA
 
 _NO_SLOT: Final = 0xFFFFFFFF
 _FIRST_COLUMNS: Final = 1024  # column length on first use; then grown by a quarter
 _TCP_NAMES: Final = tuple(state.name for state in TcpState)
 _NO_EVENTS: tuple[FlowEvent, ...] = ()
+_NEVER: Final = math.inf  # the deadline of a replica
+# A packet that carries nothing: seeds a replica's TCP tracking as a mid-stream
+# pickup (both directions liberal) whose windows are then forgotten, so the
+# first live packet each way teaches them (TcpTracker.start + forget_windows).
+_NOTHING_SEEN: Final = Packet(4, 0, 0, TCP, 0, 0, 40, ACK)
 
 # Enum members as module globals for the per-packet path (attribute access
 # on an Enum class costs ~100 ns in Python 3.11).
@@ -161,6 +203,10 @@ class FlowTable:
         self._loose = config.tcp_loose
         t = config.timeouts
         self._udp_timeouts = (t.udp, t.udp_stream)  # unreplied, assured
+        self._tcp_timeouts = (  # by TcpState: a taken-over replica's first deadline
+            t.tcp_syn_sent, t.tcp_syn_sent, t.tcp_syn_recv, t.tcp_established, t.tcp_fin_wait,
+            t.tcp_close_wait, t.tcp_last_ack, t.tcp_time_wait, t.tcp_close, t.tcp_syn_sent2,
+        )  # fmt: skip
         self._icmp_timeout = t.icmp
         self._generic_timeout = t.generic
         self._tcp = TcpTracker(t)
@@ -181,6 +227,14 @@ class FlowTable:
         self._rule: array[int] = array("I")  # index into _rule_names
         self._rule_names: list[str | None] = [None]
         self._rule_ids: dict[str, int] = {}
+        self._origin: array[int] = array("H")  # index into _origins (0: this node)
+        self._version: array[int] = array("Q")  # version of the latest record (0: none)
+        self._origins = Origins()
+        self._tombstones = Tombstones(config.tombstone_capacity, config.tombstone_ttl)
+        self._replicas = 0
+        self._applied = dict.fromkeys((o.value for o in ApplyOutcome), 0)
+        self._takeovers = 0
+        self._swept = 0
         # Non-assured flows in admission order (doubly linked through slots):
         # early drop takes the head in O(1).
         self._prev: array[int] = array("I")
@@ -237,7 +291,7 @@ class FlowTable:
             old,
             direction,
             p,
-            self._liberal or bool(flags & _F_OFFLOADED),
+            self._liberal or bool(flags & _F_TRACK_LIBERALLY),
             seen_reply,
             bool(flags & _F_ASSURED),
         )
@@ -259,12 +313,18 @@ class FlowTable:
         self._state[slot] = new
         if assured_now:
             self._assure(slot)
-        if timeout >= 0:
+        changed = new != old or assured_now  # a pickup is assured without a state change
+        if flags & _F_REPLICA and changed:
+            self._take_over(slot)
+            flags &= ~_F_REPLICA
+            if timeout < 0:
+                timeout = self._tcp_timeouts[new]
+        if timeout >= 0 and not flags & _F_REPLICA:
             self._deadline[slot] = now + timeout
             self._heap.lower(slot, now + timeout)
         snapshot = self._snapshot(slot)
         events: tuple[FlowEvent, ...] = _NO_EVENTS
-        if new != old or assured_now:  # a pickup is assured without a state change
+        if changed:
             events = (FlowStateChanged(snapshot, _TCP_NAMES[old], now),)
         if outcome == _ABORT:
             events = (*events, self._remove(slot, _RST, now))
@@ -285,8 +345,12 @@ class FlowTable:
             self._flags[slot] = flags | _F_SEEN_REPLY
             if proto == UDP or proto in _ICMP_REQUESTS:
                 self._assure(slot)
+            if flags & _F_REPLICA:
+                self._take_over(slot)
+                flags &= ~_F_REPLICA
         self._count(slot, direction, p.length, now)
-        self._set_deadline(slot, now + self._other_timeout(slot, proto))
+        if not flags & _F_REPLICA:
+            self._set_deadline(slot, now + self._other_timeout(slot, proto))
         snapshot = self._snapshot(slot)
         events: tuple[FlowEvent, ...] = _NO_EVENTS
         if old_state is not None:
@@ -396,6 +460,8 @@ class FlowTable:
         for i in (2 * slot, 2 * slot + 1):
             self._packets[i] = self._bytes[i] = 0
         self._rule[slot] = self._rule_id(rule)
+        self._origin[slot] = 0
+        self._version[slot] = 0
         return slot
 
     def _rule_id(self, rule: str | None) -> int:
@@ -414,7 +480,7 @@ class FlowTable:
         self._keys.extend([None] * extra)
         for times in (self._created, self._last_seen, self._deadline):
             times.frombytes(bytes(8 * extra))
-        for column in (self._state, self._flags, self._rule):
+        for column in (self._state, self._flags, self._rule, self._origin, self._version):
             column.frombytes(bytes(column.itemsize * extra))
         for counters in (self._packets, self._bytes):
             counters.frombytes(bytes(16 * extra))  # two per slot
@@ -454,12 +520,16 @@ class FlowTable:
         slot_number = self._index.pop(snapshot.key)  # the dict's int object, reused later
         self._keys[slot] = None
         self._heap.remove(slot)
-        if self._flags[slot] & _F_ASSURED:
+        flags = self._flags[slot]
+        if flags & _F_ASSURED:
             self._assured -= 1
         else:
             self._lru_unlink(slot)
         self._free.append(slot_number)
         self._deleted[reason.value] += 1
+        if flags & _F_REPLICA:
+            self._replicas -= 1
+            return ReplicaDeleted(snapshot, reason, now)
         return FlowDeleted(snapshot, reason, now)
 
     def _lru_append(self, slot: int) -> None:
@@ -548,7 +618,7 @@ class FlowTable:
             queued, slot = top
             deadline = self._deadline[slot]
             if deadline == queued:
-                return deadline
+                return None if deadline == _NEVER else deadline  # only replicas left
             heap.rekey_top(deadline)
         return None
 
@@ -588,6 +658,231 @@ class FlowTable:
                 self._tcp.forget_windows(slot)
         return True
 
+    # --- replicas (rules in node.flow.replica) -------------------------------------
+
+    def set_local_origin(self, node_id: str) -> None:
+        """Name this node: records with it as origin restore own flows (Misuse to rename)."""
+        self._origins.set_local(node_id)
+
+    def install(self, record: RecordLike, now: float) -> tuple[ApplyOutcome, tuple[FlowEvent, ...]]:
+        """Apply a CREATE or UPDATE record from the sync daemon.
+
+        A record of another origin installs or updates a replica; one naming
+        this node (:meth:`set_local_origin`) restores an own flow, which
+        expires here as usual after ``record.timeout``.  A record at or below
+        the held ``(version, origin)`` or a tombstone changes nothing.
+        Raises :class:`node.errors.BadInput` for a record that contradicts
+        its key.  Events: only the eviction made to find room, if any.
+        """
+        checked = check_record(record)
+        order = (record.version, record.origin)
+        origin_id = self._origins.id_of(record.origin)
+        deadline = now + record.timeout if origin_id == 0 else _NEVER
+        slot = self._index.get(checked.key)
+        if slot is not None:
+            held = self._order(slot)
+            if order <= held:
+                if self._flags[slot] & _F_REPLICA:
+                    self._flags[slot] &= ~_F_UNCONFIRMED  # syncd still holds it
+                outcome = ApplyOutcome.DUPLICATE if order == held else ApplyOutcome.STALE
+                return self._applied_as(outcome), _NO_EVENTS
+            self._fill(slot, checked, origin_id, record.version, deadline)
+            return self._applied_as(ApplyOutcome.UPDATED), _NO_EVENTS
+        if self._tombstones.blocks(checked.key, order, now):
+            return self._applied_as(ApplyOutcome.BLOCKED), _NO_EVENTS
+        events = _NO_EVENTS
+        if len(self._index) >= self._capacity:
+            if self._head == _NO_SLOT:
+                return self._applied_as(ApplyOutcome.FULL), _NO_EVENTS
+            events = (self._remove(self._head, _EVICTED, now),)
+        slot = self._allocate(checked.key, checked.orig_is_a, now, None)
+        self._fill(slot, checked, origin_id, record.version, deadline)
+        self._tombstones.discard(checked.key)
+        return self._applied_as(ApplyOutcome.INSTALLED), events
+
+    def remove_replica(
+        self, record: RecordLike, now: float
+    ) -> tuple[ApplyOutcome, tuple[FlowEvent, ...]]:
+        """Apply a DELETE record: remove the flow if the record is newer; leave a tombstone.
+
+        The removal is a :class:`ReplicaDeleted` even for an own flow: the
+        peer's DELETE is already on its way through the cluster.
+        """
+        checked = check_record(record)
+        key, order = checked.key, (record.version, record.origin)
+        slot = self._index.get(key)
+        if slot is not None:
+            held = self._order(slot)
+            if order <= held:
+                outcome = ApplyOutcome.DUPLICATE if order == held else ApplyOutcome.STALE
+                return self._applied_as(outcome), _NO_EVENTS
+            removed = self._remove(slot, _ADMIN, now)
+            if not isinstance(removed, ReplicaDeleted):
+                removed = ReplicaDeleted(removed.snapshot, removed.reason, removed.at)
+            self._tombstones.add(key, order, now)
+            return self._applied_as(ApplyOutcome.REMOVED), (removed,)
+        if self._tombstones.add(key, order, now):
+            return self._applied_as(ApplyOutcome.TOMBSTONED), _NO_EVENTS
+        return self._applied_as(ApplyOutcome.STALE), _NO_EVENTS
+
+    def stamp(self, event: FlowEvent, version: int) -> None:
+        """Record the version the sync link gave this node's change ``event``.
+
+        Created / state changed: the flow's version, while it is still held as
+        an own flow.  Deleted: a tombstone, so an older record arriving late
+        cannot bring the flow back.  A :class:`ReplicaDeleted` is never sent,
+        so it has no version.
+        """
+        key = bytes(event.snapshot.key)
+        if isinstance(event, FlowDeleted):
+            if not isinstance(event, ReplicaDeleted):
+                self._tombstones.add(key, (version, self._origins.local), event.at)
+            return
+        slot = self._index.get(key)
+        if slot is None or self._flags[slot] & _F_REPLICA:
+            return  # deleted since, or replaced by a newer record of a peer
+        if version > self._version[slot]:
+            self._version[slot] = version
+
+    def own_flows(self, keys: Iterable[bytes] | None = None) -> Iterator[tuple[FlowSnapshot, int]]:
+        """This node's own flows (of ``keys``, or all) with their versions (0: never stamped).
+
+        Without ``keys`` they are listed when iteration starts.  A flow
+        deleted or replaced by a replica before it is reached is skipped, so
+        callers may interleave packets with the iteration.
+        """
+        index, flags = self._index, self._flags
+        if keys is None:
+            keys = [key for key, slot in index.items() if not flags[slot] & _F_REPLICA]
+        for key in keys:
+            slot = index.get(key)
+            if slot is not None and not flags[slot] & _F_REPLICA:
+                yield self._snapshot(slot), self._version[slot]
+
+    # Reconciliation with syncd's copy (a mark and sweep over one TableChunk
+    # sequence): begin_sweep marks every flow; install() of a held replica and
+    # confirm_own() of an own flow whose state syncd has clear the mark; flows
+    # admitted meanwhile are never marked.  end_sweep removes the replicas
+    # syncd no longer has (their DELETE was lost) and names the own flows
+    # syncd lacks or holds in another state (their changes were lost).
+
+    def keys(self) -> list[bytes]:
+        """The keys of every flow held now (for work done in slices)."""
+        return list(self._index)
+
+    def begin_sweep(self, keys: Iterable[bytes] | None = None) -> None:
+        """Mark the flows of ``keys`` (or all) as not yet confirmed by syncd."""
+        flags, index = self._flags, self._index
+        for key in index if keys is None else keys:
+            slot = index.get(key)
+            if slot is not None:
+                flags[slot] |= _F_UNCONFIRMED
+
+    def confirm_own(self, key: bytes, state: str, assured: bool) -> bool:
+        """syncd holds own flow ``key`` as (state, assured); False if it is not an own flow.
+
+        The mark clears only when that is the flow's current state.
+        """
+        slot = self._index.get(key)
+        if slot is None or self._flags[slot] & _F_REPLICA:
+            return False
+        flow = self._snapshot(slot)
+        if (flow.state, flow.assured) == (state, assured):
+            self._flags[slot] &= ~_F_UNCONFIRMED
+        return True
+
+    def end_sweep(
+        self, now: float, keys: Iterable[bytes] | None = None
+    ) -> tuple[tuple[FlowEvent, ...], list[bytes]]:
+        """Finish a sweep over ``keys`` (or all): drop unconfirmed replicas, list own flows.
+
+        Returns the removals (:class:`ReplicaDeleted`, reason ``admin``) and
+        the keys of unconfirmed own flows, to send to syncd again.  Clears
+        the marks it examined.
+        """
+        flags, index = self._flags, self._index
+        stale_replicas: list[int] = []
+        unconfirmed_own: list[bytes] = []
+        for key in list(index) if keys is None else keys:
+            slot = index.get(key)
+            if slot is None:
+                continue
+            flag = flags[slot]
+            if flag & _F_UNCONFIRMED:
+                flags[slot] = flag & ~_F_UNCONFIRMED
+                if flag & _F_REPLICA:
+                    stale_replicas.append(slot)
+                else:
+                    unconfirmed_own.append(key)
+        removed = tuple(self._remove(slot, _ADMIN, now) for slot in stale_replicas)
+        self._swept += len(removed)
+        return removed, unconfirmed_own
+
+    def deleted_here(self, key: bytes, now: float) -> bool:
+        """Whether this node deleted ``key`` within the tombstone TTL (and no peer since)."""
+        order = self._tombstones.order(key, now)
+        return order is not None and order[1] == self._origins.local
+
+    def origin_of(self, key: bytes) -> FlowOrigin | None:
+        """Who owns the flow ``key`` and at which version; None if not held."""
+        slot = self._index.get(key)
+        if slot is None:
+            return None
+        version, origin = self._order(slot)
+        return FlowOrigin(origin, version, bool(self._flags[slot] & _F_REPLICA))
+
+    def _order(self, slot: int) -> Order:
+        return self._version[slot], self._origins.name(self._origin[slot])
+
+    def _applied_as(self, outcome: ApplyOutcome) -> ApplyOutcome:
+        self._applied[outcome.value] += 1
+        return outcome
+
+    def _fill(
+        self, slot: int, rec: CheckedRecord, origin_id: int, version: int, deadline: float
+    ) -> None:
+        """Give ``slot`` (new, or held) a record's state, owner, version and deadline."""
+        old = self._flags[slot]
+        flags = old & _F_OFFLOADED
+        flags |= _F_ORIG_IS_A if rec.orig_is_a else 0
+        flags |= _F_SEEN_REPLY if rec.seen_reply else 0
+        flags |= _F_ASSURED if rec.assured else 0
+        flags |= _F_REPLICA if origin_id else 0
+        in_heap = slot in self._heap  # False for a slot just allocated
+        was_assured = bool(old & _F_ASSURED)
+        linked = in_heap and not was_assured  # in the non-assured (early drop) list
+        if rec.assured:
+            if linked:
+                self._lru_unlink(slot)
+            if not was_assured:
+                self._assured += 1
+        else:
+            if was_assured:
+                self._assured -= 1
+            if not linked:
+                self._lru_append(slot)
+        self._replicas += (origin_id != 0) - bool(old & _F_REPLICA)
+        self._flags[slot] = flags
+        self._state[slot] = rec.tcp_state
+        self._origin[slot] = origin_id
+        self._version[slot] = version
+        self._deadline[slot] = deadline
+        if in_heap:
+            self._heap.lower(slot, deadline)  # later deadlines are re-keyed lazily
+        else:
+            self._heap.push(slot, deadline)
+        if rec.key[1] == TCP:
+            # Another node saw packets we did not: seed liberally, learn the windows live.
+            self._tcp.start(slot, _NOTHING_SEEN, True)
+            self._tcp.forget_windows(slot)
+
+    def _take_over(self, slot: int) -> None:
+        """Local traffic changed a replica: it becomes this node's own flow."""
+        self._flags[slot] &= ~_F_REPLICA
+        self._origin[slot] = 0
+        self._replicas -= 1
+        self._takeovers += 1
+
     def __len__(self) -> int:
         return len(self._index)
 
@@ -610,6 +905,12 @@ class FlowTable:
             invalid_total=MappingProxyType(dict(self._invalid)),
             ignored_total=self._ignored,
             heap_entries=len(self._heap),
+            replicas=self._replicas,
+            replica_applied_total=MappingProxyType(dict(self._applied)),
+            takeovers_total=self._takeovers,
+            swept_total=self._swept,
+            tombstones=len(self._tombstones),
+            tombstones_dropped_total=self._tombstones.dropped,
         )
 
     def verify(self) -> None:
@@ -617,9 +918,16 @@ class FlowTable:
         self._heap.check()
         if len(self._heap) != len(self._index):
             raise Misuse(f"{len(self._heap)} deadlines for {len(self._index)} flows")
+        replicas = 0
         for key, slot in self._index.items():
             if self._keys[slot] != key or slot not in self._heap:
                 raise Misuse(f"slot {slot} inconsistent for {key!r}")
+            replica = bool(self._flags[slot] & _F_REPLICA)
+            replicas += replica
+            if replica != (self._origin[slot] != 0) or replica != (self._deadline[slot] == _NEVER):
+                raise Misuse(f"slot {slot}: replica flag, origin and deadline disagree")
+        if replicas != self._replicas:
+            raise Misuse(f"{replicas} replicas counted as {self._replicas}")
         chain, slot, prev = 0, self._head, _NO_SLOT
         while slot != _NO_SLOT:
             if self._prev[slot] != prev or self._flags[slot] & _F_ASSURED:

@@ -277,7 +277,7 @@ def test_hello_is_resent_until_the_peer_shows_it_has_it() -> None:
     assert duo.state("a") is State.SYNCING and duo.state("b") is State.HELLO_SENT
     duo.advance(CFG.resend_after)
     assert "hello" in kinds(duo.out("a"))  # lost again
-    duo.advance(CFG.resend_after)
+    duo.advance(2 * CFG.resend_after)  # a's snapshot request was lost twice: its retry backs off
     duo.exchange()
     assert duo.state("a") is State.LIVE and duo.state("b") is State.LIVE
     duo.advance(CFG.resend_after)

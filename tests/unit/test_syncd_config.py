@@ -1,0 +1,163 @@
+"""SyncdConfig: YAML loading, validation naming the field, the epoch counter."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from syncd.config import (
+    PeerConfig,
+    SyncdConfig,
+    TlsConfig,
+    bump_epoch,
+    load_syncd_config,
+    split_address,
+    syncd_config_from_mapping,
+)
+from syncd.errors import ConfigError
+from syncd.session import SessionConfig
+
+BASE: dict[str, Any] = {
+    "node_id": "fw1",
+    "cluster_id": "prod",
+    "state_dir": "state",
+    "local_socket": "run/sync.sock",
+    "tls": {"ca": "certs/ca.pem", "cert": "certs/fw1.pem", "key": "certs/fw1.key"},
+}
+
+
+def build(**changes: Any) -> SyncdConfig:
+    raw = {**BASE, **changes}
+    return syncd_config_from_mapping({k: v for k, v in raw.items() if v is not None}, "/etc/stk")
+
+
+def test_minimal_file_gets_defaults_and_absolute_paths(tmp_path: Path) -> None:
+    path = tmp_path / "syncd.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    cfg = load_syncd_config(str(path))
+    assert cfg.listen == "127.0.0.1:7400" and cfg.peers == ()
+    assert cfg.state_dir == str(tmp_path / "state")
+    assert cfg.local_socket == str(tmp_path / "run" / "sync.sock")
+    assert cfg.tls == TlsConfig(
+        str(tmp_path / "certs/ca.pem"), str(tmp_path / "certs/fw1.pem"),
+        str(tmp_path / "certs/fw1.key"),
+    )  # fmt: skip
+    assert cfg.session == SessionConfig(cluster_id="prod")
+    assert cfg.max_message_bytes == 4 * 1024 * 1024
+    assert cfg.control_socket is None
+
+
+def test_full_file() -> None:
+    cfg = build(
+        listen="0.0.0.0:7401",
+        peers=[{"node_id": "fw2", "address": "10.0.0.2:7400"},
+               {"node_id": "fw3", "address": "fw3.example:7400"},
+               {"node_id": "fw4", "address": "[fd00::4]:7400"}],
+        control_socket="/run/ctl.sock",
+        session={"batch_max": 128, "dead_after": 3},
+        store={"capacity": 1000, "tombstone_ttl": 10},
+        outbox_capacity=100, max_message_bytes=1 << 20, local_queue=10, recovery_timeout=1,
+    )  # fmt: skip
+    assert cfg.peers[2] == PeerConfig("fw4", "[fd00::4]:7400")
+    assert cfg.control_socket == "/run/ctl.sock"
+    assert cfg.session.batch_max == 128 and cfg.session.dead_after == 3.0
+    assert cfg.session.cluster_id == "prod"
+    assert cfg.store.capacity == 1000 and cfg.store.tombstone_ttl == 10.0
+    assert (cfg.outbox_capacity, cfg.local_queue, cfg.recovery_timeout) == (100, 10, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"node_id": "FW1"}, "node_id"),
+        ({"node_id": None}, "node_id: required"),
+        ({"cluster_id": "a/b"}, "cluster_id"),
+        ({"state_dir": None}, "state_dir: required"),
+        ({"listen": "fw1:7400"}, "listen"),
+        ({"listen": "127.0.0.1"}, "listen"),
+        ({"listen": "127.0.0.1:0"}, "listen"),
+        ({"listen": "::1:7400"}, "listen"),
+        ({"peers": [{"node_id": "fw2"}]}, "peers[0]"),
+        ({"peers": ["fw2"]}, "peers[0]"),
+        ({"peers": [{"node_id": "fw2", "address": "x:1", "weight": 1}]}, "peers[0]: unknown"),
+        ({"peers": [{"node_id": "fw1", "address": "h:1"}]}, "peers: fw1 is this node"),
+        ({"peers": [{"node_id": "fw2", "address": "h:1"}] * 2}, "listed twice"),
+        ({"peers": [{"node_id": "fw2", "address": "h:99999"}]}, "peers.fw2.address"),
+        ({"tls": None}, "tls: required"),
+        ({"tls": {"ca": "a", "cert": "b"}}, "tls.key"),
+        ({"insecure": True}, "mutually exclusive"),
+        ({"session": {"batch_max": 0}}, "session: batch_max"),
+        ({"session": {"cluster_id": "x"}}, "session: unknown"),
+        ({"session": {"dead_after": "2s"}}, "session.dead_after"),
+        ({"store": {"capacity": True}}, "store.capacity"),
+        ({"outbox_capacity": 0}, "outbox_capacity"),
+        ({"max_message_bytes": 1000}, "max_message_bytes"),
+        ({"local_queue": "many"}, "local_queue"),
+        ({"recovery_timeout": -1}, "recovery_timeout"),
+        ({"colour": "blue"}, "unknown key(s) colour"),
+    ],
+)
+def test_bad_values_are_refused_naming_the_field(changes: dict[str, Any], field: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        build(**changes)
+    message = str(caught.value)
+    assert message.startswith(field) if ":" in field else field in message, message
+
+
+def test_insecure_without_tls_is_allowed() -> None:
+    cfg = build(tls=None, insecure=True)
+    assert cfg.tls is None and cfg.insecure
+
+
+def test_file_errors_name_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match=r"nope\.yaml: cannot read"):
+        load_syncd_config(str(missing))
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("node_id: [")
+    with pytest.raises(ConfigError, match=r"broken\.yaml: not valid YAML"):
+        load_syncd_config(str(broken))
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- a\n")
+    with pytest.raises(ConfigError, match=r"list\.yaml: expected a mapping"):
+        load_syncd_config(str(listed))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**BASE, "listen": "nowhere"}))
+    with pytest.raises(ConfigError, match=r"bad\.yaml: listen"):
+        load_syncd_config(str(bad))
+
+
+def test_split_address() -> None:
+    assert split_address("x", "10.0.0.1:7400") == ("10.0.0.1", 7400)
+    assert split_address("x", "[::1]:1") == ("::1", 1)
+    assert split_address("x", "fw2.lab:80") == ("fw2.lab", 80)
+    for bad in ("10.0.0.1", "[zz]:1", "a:b", "-x:1", ":80"):
+        with pytest.raises(ConfigError, match=r"^x: "):
+            split_address("x", bad)
+    with pytest.raises(ConfigError, match="not an IP address"):
+        split_address("x", "fw2:80", ip_only=True)
+
+
+def test_epoch_counter_grows_on_every_start_and_survives(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    assert [bump_epoch(str(state)) for _ in range(3)] == [1, 2, 3]
+    assert (state / "epoch").read_text() == "3\n"
+    assert oct(os.stat(state).st_mode & 0o777) == "0o700"
+    assert not (state / "epoch.tmp").exists()
+
+
+def test_a_damaged_epoch_counter_stops_start_up(tmp_path: Path) -> None:
+    (tmp_path / "epoch").write_text("banana")
+    with pytest.raises(ConfigError, match="not an epoch counter"):
+        bump_epoch(str(tmp_path))
+    (tmp_path / "epoch").write_text(str((1 << 30) - 1))
+    with pytest.raises(ConfigError, match="exhausted"):
+        bump_epoch(str(tmp_path))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match="state_dir"):
+        bump_epoch(str(blocker / "sub"))
