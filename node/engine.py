@@ -8,8 +8,8 @@ CONTRACT used by the adapters (nfq, replay, bench):
     d.ct_state    -> "new" | "established" | "related" | "invalid"
     d.rule        -> name of the matching rule, or None
     d.reason      -> why a packet was INVALID / dropped outside the rules, or None
-    d.offload     -> True when the adapter may hand the flow to the kernel
-                     fast path (connmark) from this packet on; the adapter
+    d.offload     -> True when the adapter may hand the flow (not yet
+                     offloaded) to the kernel fast path (connmark); the adapter
                      records it with engine.table.set_offloaded(key, True)
     d.unoffload   -> True when an offloaded flow has left the states the
                      kernel may carry alone (FIN or RST seen): the adapter
@@ -140,6 +140,9 @@ class Engine:
             and ct_state is CtState.ESTABLISHED
             and packet.proto in (TCP, UDP)
             and flow.state in _OFFLOADABLE_STATES
+            # Once is enough: re-injecting every sampled packet of a flow the
+            # kernel already carries would only repeat the same CONNMARK.
+            and not flow.offloaded
         )
         unoffload = (
             flow is not None

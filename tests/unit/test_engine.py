@@ -214,3 +214,13 @@ def test_statistics_count_every_packet():
 def test_junk_never_raises(junk):
     d = engine().process(junk, 1.0)
     assert d.ct_state is CtState.INVALID
+
+
+def test_an_offloaded_flow_is_not_offered_again():
+    e = engine()
+    handshake(e)
+    flow = next(iter(e.table.flows()))
+    e.table.set_offloaded(flow.key, True)
+    sample = tcp4(C, 40000, S, 80, ACK, seq=101, ack=501, payload=b"x")
+    d = e.process(sample, 2.0)
+    assert d.verdict is Verdict.ACCEPT and not d.offload
