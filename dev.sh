@@ -12,10 +12,11 @@ cd "$(dirname "$0")"
 
 APT_PACKAGES=(
     gcc libc6-dev libnetfilter-queue-dev libnfnetlink-dev   # build NetfilterQueue
-    iptables conntrack iproute2 iputils-ping tcpdump procps iperf3
+    iptables nftables conntrack iproute2 iputils-ping tcpdump procps iperf3
     etcd-server etcd-client                                # cluster membership store
     prometheus                                             # promtool, scrape test
     mmdebstrap docker-compose                              # compose lab base image
+    conntrackd keepalived                                  # side-by-side baselines
 )
 VENV=.venv
 SUDO=""

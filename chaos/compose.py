@@ -1,8 +1,9 @@
 """The docker-compose lab: build its images, bring it up and down, run commands in it.
 
 The lab itself is data: ``docker-compose.yml`` at the repository root (etcd,
-two routers, three firewall nodes, a client and a server on four internal
-networks) with the node configs and rules in ``docker/lab``.  This module is
+two routers, three firewall nodes forming one cluster, a client and a
+server on four isolated networks) with the node files and rules in
+``docker/lab`` (docs/compose-lab.md).  This module is
 the thin adapter around the ``docker`` and ``docker-compose`` programs that
 the smoke test (and later ``stockade lab``) uses:
 
@@ -15,7 +16,9 @@ the smoke test (and later ``stockade lab``) uses:
   wheelhouse on the host and installed from it, so the image build needs no
   access to PyPI (build containers may lack the host's proxy or CA setup).
 - :class:`ComposeLab` is one compose project (``-p NAME``): up, down,
-  readiness, exec, kill, and the lab probes (TCP/UDP requests).  Everything
+  readiness, exec, kill and crash, the cluster's ``stockade status`` (run
+  in a node: the host has no address on the lab networks), the traffic
+  driver in the client, and the lab probes (TCP/UDP requests).  Everything
   it creates carries the project's compose labels, and :meth:`ComposeLab.down`
   removes exactly those containers and networks, so a test never touches a
   user's own lab.
@@ -39,6 +42,7 @@ import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from chaos.errors import LabError
 from chaos.lab import probes
@@ -56,6 +60,16 @@ NODES = ("fw1", "fw2", "fw3")
 SERVER_ADDR = "10.77.2.10"
 # What the server container serves (docker-compose.yml): ports the rules allow.
 TCP_PORT, UDP_PORT = 80, 53
+# The traffic driver's server (python -m chaos.traffic server) in the server container.
+TRAFFIC_TCP_PORT, TRAFFIC_UDP_PORT = 8000, 8053
+# The cluster as docker/lab/fw*.yaml describe it.
+CLUSTER_ID = "lab"
+ETCD_ENDPOINT = "10.77.10.5:2379"
+# VIP -> home node (docker/lab/fw*.yaml `cluster.vips`).
+VIP_HOMES = {
+    **{f"10.77.10.10{k}": f"fw{k}" for k in (1, 2, 3)},
+    **{f"10.77.20.10{k}": f"fw{k}" for k in (1, 2, 3)},
+}
 # Sources that go into the image; everything else (.venv, .git, caches)
 # stays out of the build context.
 CONTEXT_ITEMS = ("pyproject.toml", "README.md", "node", "syncd", "cluster", "chaos", "docker")
@@ -324,8 +338,42 @@ class ComposeLab:
         return _run(["docker", "exec", self.container(service), *argv], timeout, check=check)
 
     def kill(self, service: str) -> None:
-        """SIGKILL the service's container: a node crash as the others see it."""
+        """SIGKILL the service's container (its network goes a while later: see :meth:`crash`)."""
         _run(["docker", "kill", self.container(service)], timeout=30)
+
+    def crash(self, service: str, interfaces: Sequence[str] = ("up0", "down0")) -> float:
+        """A node crash as the network sees it: links down, then SIGKILL.
+
+        ``docker kill`` alone is a gentler fault than a crash: Docker removes
+        a killed container's interfaces only a while after its processes
+        died, and until then its kernel keeps forwarding the flows the
+        filter had offloaded to conntrack, and keeps answering for its VIPs.
+        Taking the links down first makes the node vanish from both segments
+        at once, as a dead machine would.  Returns the CLOCK_MONOTONIC time
+        at which the links were down (containers share the host's clock).
+        """
+        program = (
+            "import subprocess, sys, time\n"
+            "for name in sys.argv[1:]:\n"
+            "    subprocess.run(['ip', 'link', 'set', name, 'down'], check=True)\n"
+            "print(time.monotonic())"
+        )
+        done = self.exec(service, ["python3", "-c", program, *interfaces], timeout=30)
+        try:
+            cut = float(done.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError) as e:
+            raise LabError(f"crash {service}: no time printed: {done.stdout!r}") from e
+        self.kill(service)
+        return cut
+
+    def forwarded_packets(self, node: str) -> int:
+        """Packets the node's FORWARD chain has seen (its jump to the Stockade chain)."""
+        done = self.exec(node, ["iptables", "-w", "-L", "FORWARD", "-v", "-n", "-x"])
+        for line in done.stdout.splitlines():
+            fields = line.split()
+            if len(fields) > 2 and fields[2] == "STK-FORWARD" and fields[0].isdigit():
+                return int(fields[0])
+        raise LabError(f"{node}: no STK-FORWARD jump in FORWARD: {done.stdout[-500:]!r}")
 
     def start(self, service: str) -> None:
         """Start a stopped container again (same addresses, fresh processes)."""
@@ -342,9 +390,10 @@ class ComposeLab:
         }
 
     def wait_ready(self, timeout: float = 60) -> None:
-        """Until every node printed its ready line, etcd is healthy, the server listens."""
+        """Until every node printed its ready line, etcd is healthy, the servers listen."""
         wanted = {f"stockade node {n} ready": n for n in NODES}
         wanted["listening"] = "server"
+        wanted["traffic server ready"] = "server"
         deadline = time.monotonic() + timeout
         while True:
             missing = [line for line, svc in wanted.items() if line not in self.logs(svc)]
@@ -359,6 +408,81 @@ class ComposeLab:
                 waiting = [wanted[line] for line in missing] + ([] if etcd_ok else ["etcd"])
                 raise LabError(f"lab not ready after {timeout:.0f} s: {', '.join(waiting)}")
             time.sleep(0.5)
+
+    # --- the cluster, as etcd sees it (``stockade status`` in a node) ---
+
+    def status(self, via: Sequence[str] = NODES, events: int = 10) -> dict[str, Any]:
+        """``stockade status --json`` run in the first running node of ``via``.
+
+        The lab networks have no address on the host, so the host cannot
+        reach etcd: the command runs inside a node container.
+        """
+        up = self.running()
+        where = next((n for n in via if up.get(n)), None)
+        if where is None:
+            raise LabError(f"no running node among {', '.join(via)} to ask etcd")
+        argv = ["stockade", "status", "--etcd", ETCD_ENDPOINT, "--cluster", CLUSTER_ID, "--json"]
+        argv += ["--events", str(events)]
+        # Exit 3/4 mean degraded/critical: still a status document.
+        done = self.exec(where, argv, timeout=30, check=False)
+        try:
+            doc: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError) as e:
+            detail = (done.stderr or done.stdout).strip()[-500:]
+            raise LabError(f"stockade status in {where}: exit {done.returncode}: {detail}") from e
+        return doc
+
+    def wait_cluster(
+        self,
+        up: Sequence[str] = NODES,
+        down: Sequence[str] = (),
+        timeout: float = 60,
+        interval: float = 0.3,
+    ) -> tuple[dict[str, Any], list[dict[str, str]]]:
+        """Until ``up`` are up, ``down`` are down, every VIP has one live holder.
+
+        A VIP must be held by its home node when that node is up, else by
+        some node of ``up``.  Returns the last status document and the node
+        states seen on the way (one ``{node: state}`` per poll that changed).
+        """
+        deadline = time.monotonic() + timeout
+        seen: list[dict[str, str]] = []
+        while True:
+            doc = self.status(via=up or NODES)
+            states = {str(n["node_id"]): str(n["state"]) for n in doc["nodes"]}
+            if not seen or seen[-1] != states:
+                seen.append(states)
+            problem = cluster_problem(doc, up, down)
+            if problem is None:
+                return doc, seen
+            if time.monotonic() > deadline:
+                raise LabError(f"cluster not settled after {timeout:.0f} s: {problem}")
+            time.sleep(interval)
+
+    # --- traffic driver (python -m chaos.traffic client in the client) ---
+
+    def start_traffic(
+        self,
+        seconds: float,
+        long_lived: int = 16,
+        interval: float = 0.01,
+        rate: float = 5.0,
+        udp_rate: float = 5.0,
+    ) -> subprocess.Popen[str]:
+        """Start the traffic driver in the client; :func:`traffic_summary` reads its end.
+
+        The driver's gap events carry CLOCK_MONOTONIC times; containers share
+        the host's clock, so they compare with ``time.monotonic()`` here.
+        """
+        argv = ["docker", "exec", self.container("client"), "python3", "-m", "chaos.traffic"]
+        argv += ["client", "--server", SERVER_ADDR, "--tcp-port", str(TRAFFIC_TCP_PORT)]
+        argv += ["--udp-port", str(TRAFFIC_UDP_PORT), "--seconds", str(seconds)]
+        argv += ["--long-lived", str(long_lived), "--interval", str(interval)]
+        argv += ["--rate", str(rate), "--udp-rate", str(udp_rate), "--no-ping", "--json"]
+        try:
+            return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        except OSError as e:
+            raise LabError(f"traffic driver: {e}") from e
 
     # --- probes (the programs of chaos.lab.probes, run with docker exec) ---
 
@@ -385,21 +509,63 @@ class ComposeLab:
         args = [addr, str(port), str(timeout)]
         return self._probe("client", probes._UDP_CLIENT, args, timeout)
 
-    def node_flow_count(self, node: str) -> int:
-        """Flows in the node's table (its control socket)."""
-        sock = f"/run/stockade/{node}.sock"
-        done = self.exec(node, ["stockade", "node", "flows", "--socket", sock])
-        count = json.loads(done.stdout)["count"]
-        if not isinstance(count, int):
-            raise LabError(f"{node}: flows reply without a count: {done.stdout[:200]!r}")
-        return count
+
+def traffic_summary(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
+    """Wait for a :meth:`ComposeLab.start_traffic` driver; its JSON summary.
+
+    The driver exits 1 when anything failed or stalled: that is in the
+    summary, not an error here.  No summary at all is.
+    """
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        proc.kill()
+        proc.communicate()
+        raise LabError(f"traffic driver still running after {timeout:.0f} s") from e
+    try:
+        summary: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    except (ValueError, IndexError) as e:
+        raise LabError(f"traffic driver: exit {proc.returncode}, no summary: {err[-1500:]}") from e
+    return summary
+
+
+def cluster_problem(doc: Mapping[str, Any], up: Sequence[str], down: Sequence[str]) -> str | None:
+    """What keeps ``stockade status --json`` from the wanted picture (pure); None when none."""
+    states = {str(n["node_id"]): n["state"] for n in doc.get("nodes", [])}
+    for node in up:
+        if states.get(node) != "up":
+            return f"{node} is {states.get(node, 'unknown')}, not up"
+    for node in down:
+        if states.get(node, "down") not in ("down", "left"):
+            return f"{node} is {states[node]}, not down"
+    holders = {str(v["address"]).split("/")[0]: v for v in doc.get("vips", [])}
+    for vip, home in VIP_HOMES.items():
+        entry = holders.get(vip)
+        if entry is None or entry.get("holder") is None:
+            return f"VIP {vip} has no holder"
+        holder = entry["holder"]
+        wanted = [home] if home in up else list(up)
+        if holder not in wanted or not entry.get("ok", False):
+            return f"VIP {vip} held by {holder} (ok={entry.get('ok')}), want {' or '.join(wanted)}"
+    return None
 
 
 # --- command line (image build for people; `serve` runs inside the server) ---
 
 
-def serve(specs: Sequence[str]) -> None:
-    """Replace this process by the lab probes' echo servers (``tcp/80 udp/53``)."""
+def serve(specs: Sequence[str], traffic: str | None = None) -> None:
+    """Replace this process by the lab probes' echo servers (``tcp/80 udp/53``).
+
+    ``traffic`` ``TCP/UDP`` (ports) first starts the traffic driver's server
+    as a child; it stays this process's child after the exec (container
+    PID 1 is tini, which reaps whatever is left when the container stops).
+    """
+    if traffic is not None:
+        tcp, _, udp = traffic.partition("/")
+        if not (tcp.isdigit() and udp.isdigit()):
+            raise SystemExit(f"--traffic {traffic!r}: want TCP_PORT/UDP_PORT")
+        argv = [sys.executable, "-m", "chaos.traffic", "server", "--tcp-port", tcp]
+        subprocess.Popen([*argv, "--udp-port", udp])
     os.execv(sys.executable, [sys.executable, "-c", probes._SERVER, *specs])
 
 
@@ -411,9 +577,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     build.add_argument("--no-wheelhouse", action="store_true", help="pip install from PyPI")
     serve_p = sub.add_parser("serve", help="(in the server container) TCP/UDP echo servers")
     serve_p.add_argument("specs", nargs="+", help="tcp/PORT or udp/PORT")
+    serve_p.add_argument("--traffic", metavar="TCP/UDP", help="also the traffic driver's server")
     args = parser.parse_args(argv)
     if args.command == "serve":
-        serve(args.specs)
+        serve(args.specs, args.traffic)
     repo = Path(__file__).resolve().parent.parent
     try:
         report = build_images(repo, args.base_image, False if args.no_wheelhouse else None)

@@ -144,9 +144,19 @@ def run_demo(keep: bool) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("demo", help="one-node filter demo in network namespaces")
-    p.add_argument("--keep", action="store_true", help="leave the lab running afterwards")
-    p.add_argument("--down", action="store_true", help="remove a kept demo lab and exit")
+    p = sub.add_parser(
+        "demo",
+        help="three-node cluster demo: traffic, a node killed, failover report, status",
+        description="Builds the three-node namespace lab, drives traffic, kills a node and "
+        "reports what the end hosts saw; the lab stays up (`stockade lab down --name demo`). "
+        "--single-node runs the one-node filter demo instead.",
+    )
+    p.add_argument("--single-node", action="store_true", help="the one-node filter demo")
+    p.add_argument("--name", default="demo", help="cluster demo: lab name (default demo)")
+    p.add_argument("--base", default="10.231", help="cluster demo: first two address octets")
+    p.add_argument("--victim", default="fw2", help="cluster demo: node to kill")
+    p.add_argument("--keep", action="store_true", help="single node: leave the lab running")
+    p.add_argument("--down", action="store_true", help="single node: remove a kept lab and exit")
     p.set_defaults(handler=_cmd_demo)
 
 
@@ -159,6 +169,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             NetnsLab(one_node_topology(), PREFIX).down()
             print("demo lab removed")
             return 0
+        if not args.single_node:
+            from chaos.cluster_demo import run_cluster_demo
+
+            return run_cluster_demo(name=args.name, victim=args.victim, base=args.base)
         return run_demo(args.keep)
     except LabError as e:
         print(f"stockade demo: {e}", file=sys.stderr)

@@ -56,6 +56,7 @@ from cluster.membership import (
 )
 
 __all__ = [
+    "EVENT_SLOTS",
     "EtcdConfig",
     "EtcdMembership",
     "EtcdStats",
@@ -68,7 +69,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-MAX_RULESET_BYTES: Final = 1 << 20  # etcd refuses requests above 1.5 MiB by default
+MAX_RULESET_BYTES: Final = 1 << 20
+EVENT_SLOTS: Final = (
+    256  # events/<node>/<slot> ring size  # etcd refuses requests above 1.5 MiB by default
+)
 _TXN_RETRIES: Final = 8  # optimistic transactions retried on a concurrent writer
 _SLACK: Final = 0.5  # asyncio guard above the grpc deadline
 _UNAVAILABLE_CODES: Final = frozenset(
@@ -158,6 +162,16 @@ class Keys:
 
     def rule(self, revision: int) -> bytes:
         return self.rules + f"{revision:010d}".encode()
+
+    def status(self, node_id: str) -> bytes:
+        return self.prefix + b"status/" + node_id.encode()
+
+    def events_of(self, node_id: str) -> bytes:
+        return self.prefix + b"events/" + node_id.encode() + b"/"
+
+    def event(self, node_id: str, seq: int) -> bytes:
+        """Slot ``seq % 256``: a bounded ring of events per node."""
+        return self.events_of(node_id) + f"{seq % EVENT_SLOTS:03d}".encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -407,6 +421,33 @@ class EtcdStore:
             bytes(kv.key[start:]).decode(errors="replace"): bytes(kv.value).decode(errors="replace")
             for kv in listing
         }
+
+    # --- status and events (contract C) --------------------------------------
+
+    async def put_status(self, node_id: str, body: bytes, lease: int) -> None:
+        """Write ``status/<node_id>`` bound to ``lease`` (it vanishes with the node)."""
+        await self._call(
+            "put status", self._client.put(self.keys.status(node_id), body, lease=lease)
+        )
+
+    async def put_event(self, node_id: str, seq: int, body: bytes) -> None:
+        """Write one event into the node's ring (not leased: it outlives the node)."""
+        await self._call("put event", self._client.put(self.keys.event(node_id, seq), body))
+
+    async def last_event_seq(self, node_id: str) -> int:
+        """The highest ``seq`` in the node's event ring (0 if none), to continue after it."""
+        listing = await self._call(
+            "list events", self._client.get_prefix(self.keys.events_of(node_id))
+        )
+        best = 0
+        for kv in listing:
+            try:
+                seq = json.loads(bytes(kv.value)).get("seq")
+            except (ValueError, AttributeError, RecursionError):
+                continue
+            if isinstance(seq, int) and not isinstance(seq, bool):
+                best = max(best, seq)
+        return best
 
     # --- rulesets ----------------------------------------------------------
 

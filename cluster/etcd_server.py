@@ -48,6 +48,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
+def etcd_health(host: str, port: int, timeout: float = 1.0) -> bool:
+    """Whether etcd at ``host:port`` says ``{"health": "true"}`` on /health (never raises)."""
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("GET", "/health")
+        body = json.loads(conn.getresponse().read())
+    except (OSError, ValueError, http.client.HTTPException):
+        return False
+    finally:
+        conn.close()
+    return isinstance(body, dict) and body.get("health") == "true"
+
+
 class LocalEtcd:
     """One etcd member on ``host`` (loopback by default), as a context manager.
 
@@ -145,15 +158,7 @@ class LocalEtcd:
         raise EtcdUnavailable(self.endpoint, f"not healthy after {self._start_timeout} s")
 
     def _healthy(self) -> bool:
-        conn = http.client.HTTPConnection(self.host, self.client_port, timeout=1.0)
-        try:
-            conn.request("GET", "/health")
-            body = json.loads(conn.getresponse().read())
-        except (OSError, ValueError, http.client.HTTPException):
-            return False
-        finally:
-            conn.close()
-        return isinstance(body, dict) and body.get("health") == "true"
+        return etcd_health(self.host, self.client_port)
 
     def _log_tail(self, lines: int = 5) -> str:
         try:

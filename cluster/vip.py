@@ -20,7 +20,10 @@ VIP answered by none black-holes it.  Three pieces keep one holder:
 What this cannot cover alone: a holder cut off from etcd keeps its address
 while its lease expires and a peer claims the VIP.  The agent closes that
 window by fencing (``cluster.membership.should_fence``) and by dropping VIPs
-on ``LeaseLost``; see docs/vip.md.
+on ``LeaseLost``; see docs/vip.md.  A holder that stops running altogether
+(frozen, hung) fences nothing: its addresses carry a kernel lifetime
+(``VipManager(lifetime=...)``, renewed by :meth:`VipManager.refresh` while
+the agent runs), so the kernel drops them within about that long.
 
 **Telling the routers.**  Moving an address does not update the neighbour
 caches that still map it to the old holder's MAC.  After adding it the new
@@ -55,7 +58,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Protocol, TypeVar
@@ -175,12 +178,15 @@ def plan_vips(
     node_id: str,
     *,
     depth: int = 2,
+    homes: Mapping[str, str] | None = None,
 ) -> VipPlan:
     """Decide each VIP's target and this node's actions (release-before-claim).
 
     ``ring`` is built over the live members that may hold VIPs (state ``up``);
     a VIP's target is its ring owner, ``ring.owners(vip_key, depth)`` the
-    failover order reported with it.  ``holders`` is ``EtcdStore.vip_holders()``
+    failover order reported with it.  ``homes`` (canonical VIP -> node id)
+    pins a VIP to its home node whenever that node is in the ring; the rest
+    of its order is the ring's without the home.  ``holders`` is ``EtcdStore.vip_holders()``
     (VIP -> node id).  A node outside the ring (draining, syncing) gets a plan
     that releases everything it holds and claims nothing.  VIPs we hold that
     are no longer configured are released too.  Raises ``BadInput`` for a VIP
@@ -198,7 +204,8 @@ def plan_vips(
             continue
         seen.add(vip)
         holder = holders.get(vip)
-        assignment = VipAssignment(vip, ring.owners(address.packed, depth), holder)
+        order = _order(ring, address.packed, depth, (homes or {}).get(vip))
+        assignment = VipAssignment(vip, order, holder)
         assignments.append(assignment)
         mine = assignment.target == node_id
         if mine and holder is None:
@@ -209,6 +216,14 @@ def plan_vips(
             release.append(vip)
     release.extend(sorted(v for v, h in holders.items() if h == node_id and v not in seen))
     return VipPlan(node_id, tuple(assignments), tuple(claim), tuple(release), tuple(waiting))
+
+
+def _order(ring: HashRing, key: bytes, depth: int, home: str | None) -> tuple[str, ...]:
+    """Failover order: the home first when it is in the ring, then the ring's order."""
+    if home is None or home not in ring.members:
+        return ring.owners(key, depth)
+    rest = ring.owners(key, min(depth + 1, len(ring.members)))
+    return ((home, *tuple(m for m in rest if m != home)))[:depth]
 
 
 def arp_announcement(mac: bytes, vip: ipaddress.IPv4Address) -> bytes:
@@ -262,9 +277,16 @@ class VipManager:
     :class:`cluster.errors.BadInput` for VIP text that is not an address.
     """
 
-    def __init__(self, ifname: str, netns: str | None = None) -> None:
+    def __init__(self, ifname: str, netns: str | None = None, lifetime: int | None = None) -> None:
+        if lifetime is not None and not 2 <= lifetime <= 3600:
+            raise BadInput(f"VIP lifetime {lifetime} s is not 2..3600")
         self.ifname = ifname
         self.netns = netns
+        # Kernel address lifetime (valid_lft = preferred_lft), renewed by
+        # refresh(): a holder that stops running (SIGSTOP, a hung process)
+        # loses its VIPs to the kernel within about this long, instead of
+        # answering ARP for them for as long as it is frozen.  None: permanent.
+        self.lifetime = lifetime
         self.ifindex = 0  # set by open()
         self.mac = b""  # the interface's Ethernet address, set by open()
         self._ipr: Any = None
@@ -273,6 +295,12 @@ class VipManager:
         self._added = self._removed = self._announcements = self._errors = 0
         self._last_add: float | None = None
         self._last_announce: float | None = None
+        # add, remove and refresh each read then write the interface's
+        # addresses across awaits; one at a time, or a renewal listing an
+        # address just before a release re-creates it (IPv4's RTM_NEWADDR
+        # "replace" adds a missing address): the old holder would carry a
+        # released VIP again for a whole lifetime.
+        self._lock = asyncio.Lock()
 
     async def open(self) -> VipManager:
         """Open the sockets and find the interface; :class:`VipError` if the host says no."""
@@ -337,18 +365,15 @@ class VipManager:
 
     async def add(self, vip: str) -> bool:
         """Put ``vip`` (``addr[/prefix]``) on the interface; False if it was already there."""
+        async with self._lock:
+            return await self._add(vip)
+
+    async def _add(self, vip: str) -> bool:
         iface = parse_vip(vip)
         ipr = self._netlink()
         started = time.perf_counter()
         try:
-            await ipr.addr(
-                "add",
-                index=self.ifindex,
-                address=str(iface.ip),
-                prefixlen=iface.network.prefixlen,
-                flags=_IFA_F_NODAD if iface.version == 6 else 0,
-                proto=VIP_PROTO,
-            )
+            await ipr.addr("add", **self._address_args(iface))
         except self._host_errors as exc:
             if _errno(exc) != _ERRNO_EXISTS:
                 raise self._fail("add address", exc) from exc
@@ -359,8 +384,49 @@ class VipManager:
         self._last_add = time.perf_counter() - started
         return True
 
+    def _address_args(self, iface: ipaddress.IPv4Interface | ipaddress.IPv6Interface) -> Any:
+        args: dict[str, Any] = {
+            "index": self.ifindex,
+            "address": str(iface.ip),
+            "prefixlen": iface.network.prefixlen,
+            "flags": _IFA_F_NODAD if iface.version == 6 else 0,
+            "proto": VIP_PROTO,
+        }
+        if self.lifetime is not None:
+            args.update(valid_lft=self.lifetime, preferred_lft=self.lifetime)
+        return args
+
+    async def refresh(self, vips: Iterable[str]) -> int:
+        """Renew the lifetime of those of ``vips`` still on the interface; how many.
+
+        Never re-adds one that is gone: the kernel expired it (we stalled for
+        a whole lifetime, and peers may hold it now) or someone removed it.
+        """
+        if self.lifetime is None:
+            return 0
+        async with self._lock:
+            return await self._refresh(vips)
+
+    async def _refresh(self, vips: Iterable[str]) -> int:
+        present = await self.held()
+        renewed = 0
+        for vip in vips:
+            iface = parse_vip(vip)
+            if str(iface.ip) not in present:
+                continue
+            try:
+                await self._netlink().addr("replace", **self._address_args(iface))
+            except self._host_errors as exc:
+                raise self._fail("renew address", exc) from exc
+            renewed += 1
+        return renewed
+
     async def remove(self, vip: str) -> bool:
         """Take ``vip`` off the interface if we added it; False if it was not there."""
+        async with self._lock:
+            return await self._remove(vip)
+
+    async def _remove(self, vip: str) -> bool:
         address = str(parse_vip(vip).ip)
         ipr = self._netlink()
         removed = False

@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     node = sub.add_parser("node", help="run and inspect a firewall node")
     node_sub = node.add_subparsers(dest="node_command", required=True)
-    run = node_sub.add_parser("run", help="run one node standalone (NFQUEUE filter)")
+    run = node_sub.add_parser("run", help="run one node (NFQUEUE filter; with sync: its syncd)")
     run.add_argument("--config", required=True, help="node config file (YAML)")
     run.add_argument(
         "--queue-bypass", action="store_true", help="fail open when no process listens"
@@ -106,7 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_replay_arguments(replay)
     replay.set_defaults(handler=_cmd_replay)
 
-    for module in ("node.bench", "chaos.demo", "syncd.cli"):
+    for module in (
+        "node.bench",
+        "chaos.bench_failover",
+        "chaos.demo",
+        "syncd.cli",
+        "chaos.cli",
+        "chaos.chaos_cli",
+        "cluster.status_cli",
+        "cluster.flows_cli",
+    ):
         _add_optional(sub, module)
     return parser
 

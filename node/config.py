@@ -12,12 +12,27 @@ Example file (all keys but ``node_id`` and ``rules`` are optional)::
     queue: {num: 0, bypass: false}
     hooks: [FORWARD]
     fast_path: {enabled: true, sample_per_second: 1}
-    table: {capacity: 262144, tcp_liberal: false, tcp_loose: false,
+    table: {capacity: 262144, tcp_liberal: false, tcp_loose: false,  # liberal: true if sync
             timeouts: {udp: 30, tcp_established: 432000}}
     control_socket: /run/stockade/fw1.sock
     metrics: {listen: "127.0.0.1:9641"}     # Prometheus endpoint; absent = off
     flow_log: {path: /var/log/stockade/flows.jsonl, rate_per_second: 1000,
                burst: 2000, max_bytes: 104857600}   # absent = off
+
+Cluster keys (see docs/syncd.md and docs/asymmetric.md)::
+
+    cluster_id: lab              # required with `sync`
+    hold: {timeout: 0.1, max_packets: 2048, max_flows: 512}
+    sync:                        # absent = standalone node: no syncd, no hold queue
+      supervise: true            # `node run` starts and restarts syncd itself
+      listen: 10.30.0.11:7400    # ... and every other key of a syncd file
+      state_dir: /var/lib/stockade/fw1
+      local_socket: /run/stockade/fw1-sync.sock
+    cluster: {...}               # requires `sync`; validated with it by syncd's loader
+
+``sync`` (with ``node_id``, ``cluster_id`` and ``cluster``) is validated by
+:func:`syncd.config.from_node_mapping`, so a bad file fails at
+``node run`` with the same field errors ``syncd run`` would give.
 """
 
 from __future__ import annotations
@@ -27,13 +42,16 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from node.errors import ConfigError
 from node.flow.table import TableConfig
 from node.flow.timeouts import Timeouts
+
+if TYPE_CHECKING:
+    from syncd.config import SyncdConfig
 
 _NODE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}$")
 _HOOKS = ("FORWARD", "INPUT", "OUTPUT")
@@ -134,6 +152,48 @@ class FlowLogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HoldConfig:
+    # Seconds a packet without local state waits for its flow's replica
+    # (asymmetric routing: the other direction went through another node).
+    # A packet dropped instead costs its sender a retransmission (1 s for a
+    # SYN-ACK, 200 ms at least for data): waiting longer only costs when the
+    # replica is slow, and under load it is (3-node lab, every flow
+    # asymmetric: 20 ms let 40 % of held packets expire, 100 ms 1 %).
+    timeout: float = 0.1
+    # Packets held at once, all flows together; beyond it: no hold (counted).
+    max_packets: int = 2048
+    # Distinct flow keys held at once; beyond it: no hold (counted).
+    max_flows: int = 512
+
+    def __post_init__(self) -> None:
+        if not 0 < self.timeout <= 1.0:
+            raise ConfigError(f"hold.timeout must be in (0, 1] seconds, not {self.timeout}")
+        if not 1 <= self.max_packets <= 1 << 20:
+            raise ConfigError(f"hold.max_packets must be 1..1048576, not {self.max_packets}")
+        if not 1 <= self.max_flows <= self.max_packets:
+            raise ConfigError(
+                f"hold.max_flows must be 1..max_packets ({self.max_packets}), not {self.max_flows}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class SyncSection:
+    # syncd's configuration, built by syncd's own loader from this file.
+    syncd: SyncdConfig
+    # The node file it came from: a supervised syncd is started with it.
+    config_file: str | None
+    # True: `node run` starts syncd as a child and restarts it when it dies;
+    # False: someone else runs syncd (the filter only connects to it).
+    supervise: bool = True
+    # A `cluster` section is present (etcd membership, VIPs: syncd's agent).
+    cluster: bool = False
+
+    def __post_init__(self) -> None:
+        if self.supervise and not self.config_file:
+            raise ConfigError("sync.supervise needs the config file the node was loaded from")
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     # Short stable node name: used in chain comments, sync, metrics labels.
     node_id: str
@@ -150,10 +210,21 @@ class NodeConfig:
     metrics: MetricsConfig | None = None
     # JSON-lines flow log (node.flowlog); None = off.
     flow_log: FlowLogConfig | None = None
+    # Cluster id (certificates, etcd prefix); required with `sync`.
+    cluster_id: str | None = None
+    # Asymmetric-routing hold queue; used only with `sync`.
+    hold: HoldConfig = field(default_factory=HoldConfig)
+    # Sync daemon link (and its supervision); None = standalone node.
+    sync: SyncSection | None = None
 
     def __post_init__(self) -> None:
         if not _NODE_ID.match(self.node_id):
             raise ConfigError(f"node_id {self.node_id!r} must be 1-31 chars of a-z, 0-9 and '-'")
+        if self.sync is not None:
+            if self.sync.syncd.node_id != self.node_id:
+                raise ConfigError("sync: syncd's node_id differs from the node's")
+            if self.sync.syncd.cluster_id != self.cluster_id:
+                raise ConfigError("sync: syncd's cluster_id differs from the node's")
         if not self.hooks:
             raise ConfigError("hooks must name at least one of FORWARD, INPUT, OUTPUT")
         for hook in self.hooks:
@@ -182,10 +253,15 @@ def _typed(section: str, values: dict[str, Any], types: Mapping[str, type]) -> d
     return values
 
 
-def node_config_from_mapping(raw: Mapping[str, Any], base_dir: str = ".") -> NodeConfig:
-    """Build a :class:`NodeConfig` from parsed YAML; relative paths use ``base_dir``."""
+def node_config_from_mapping(
+    raw: Mapping[str, Any], base_dir: str = ".", source: str | None = None
+) -> NodeConfig:
+    """Build a :class:`NodeConfig` from parsed YAML; relative paths use ``base_dir``.
+
+    ``source`` is the file ``raw`` was read from (a supervised syncd reads it too).
+    """
     allowed = {"node_id", "rules", "queue", "hooks", "fast_path", "table", "control_socket"}
-    allowed |= {"metrics", "flow_log"}
+    allowed |= {"metrics", "flow_log", "cluster_id", "hold", "sync", "cluster"}
     unknown = set(raw) - allowed
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(sorted(map(str, unknown)))}")
@@ -207,6 +283,13 @@ def node_config_from_mapping(raw: Mapping[str, Any], base_dir: str = ".") -> Nod
     if not isinstance(timeouts_raw, dict):
         raise ConfigError("table.timeouts: expected a mapping")
     _typed("table", table_raw, {"capacity": int, "tcp_liberal": bool, "tcp_loose": bool})
+    if "sync" in raw:
+        # A clustered node may see only one direction of a flow (asymmetric
+        # routing, or a flow taken over mid-stream): the unseen side's window
+        # is never learned here, so strict tracking would drop its packets as
+        # out of window.  The kernel needs nf_conntrack_tcp_be_liberal for the
+        # same reason (conntrackd's documentation).  An explicit false stays.
+        table_raw.setdefault("tcp_liberal", True)
     if "capacity" in table_raw and table_raw["capacity"] < 1:
         raise ConfigError(f"table.capacity must be positive, not {table_raw['capacity']}")
     hooks = raw.get("hooks", ["FORWARD"])
@@ -225,7 +308,43 @@ def node_config_from_mapping(raw: Mapping[str, Any], base_dir: str = ".") -> Nod
         control_socket=os.path.join(base_dir, control) if control else None,
         metrics=_metrics(raw),
         flow_log=_flow_log(raw, base_dir),
+        cluster_id=_cluster_id(raw),
+        hold=_hold(raw),
+        sync=_sync(raw, base_dir, source),
     )
+
+
+def _cluster_id(raw: Mapping[str, Any]) -> str | None:
+    value = raw.get("cluster_id")
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"cluster_id: expected a string, got {value!r}")
+    return value
+
+
+def _hold(raw: Mapping[str, Any]) -> HoldConfig:
+    section = _section(raw, "hold", {"timeout", "max_packets", "max_flows"})
+    if isinstance(section.get("timeout"), int) and not isinstance(section["timeout"], bool):
+        section["timeout"] = float(section["timeout"])
+    _typed("hold", section, {"timeout": float, "max_packets": int, "max_flows": int})
+    return HoldConfig(**section)
+
+
+def _sync(raw: Mapping[str, Any], base_dir: str, source: str | None) -> SyncSection | None:
+    """Validate ``sync`` and ``cluster`` with syncd's own loader (its node-file entry)."""
+    if raw.get("sync") is None and raw.get("cluster") is None:
+        return None
+    from syncd.config import from_node_mapping
+    from syncd.errors import ConfigError as SyncdConfigError
+
+    try:
+        syncd = from_node_mapping(raw, base_dir)
+    except SyncdConfigError as e:
+        raise ConfigError(str(e)) from None
+    if syncd is None:  # cannot happen: a sync section is present
+        raise ConfigError("sync: expected a mapping")
+    sync = raw["sync"]
+    supervise = sync.get("supervise", True)  # type-checked by from_node_mapping
+    return SyncSection(syncd, source, supervise, raw.get("cluster") is not None)
 
 
 def _metrics(raw: Mapping[str, Any]) -> MetricsConfig | None:
@@ -262,7 +381,9 @@ def load_node_config(path: str) -> NodeConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     try:
-        return node_config_from_mapping(raw, os.path.dirname(os.path.abspath(path)))
+        return node_config_from_mapping(
+            raw, os.path.dirname(os.path.abspath(path)), os.path.abspath(path)
+        )
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from e
 

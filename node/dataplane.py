@@ -50,6 +50,8 @@ import shlex
 import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
 from node.config import NodeConfig
 from node.errors import ConfigError, DataplaneError
@@ -130,6 +132,31 @@ class CommandResult:
 
 # Runs argv with the given stdin; the seam unit tests replace.
 Runner = Callable[[Sequence[str], str], CommandResult]
+
+
+TCP_LOOSE = "net/netfilter/nf_conntrack_tcp_loose"
+
+
+class SysctlAccess(Protocol):
+    def read(self, key: str) -> str: ...
+
+    def write(self, key: str, value: str) -> None: ...
+
+
+class ProcSysctl:
+    """/proc/sys of the calling process's network namespace."""
+
+    def read(self, key: str) -> str:
+        try:
+            return Path("/proc/sys", key).read_text().strip()
+        except OSError as e:
+            raise DataplaneError(f"cannot read sysctl {key}: {e.strerror}") from e
+
+    def write(self, key: str, value: str) -> None:
+        try:
+            Path("/proc/sys", key).write_text(value + "\n")
+        except OSError as e:
+            raise DataplaneError(f"cannot set sysctl {key}={value}: {e.strerror}") from e
 
 
 def run_command(argv: Sequence[str], stdin: str) -> CommandResult:
@@ -296,8 +323,11 @@ class Dataplane:
         *,
         variant: str = "",
         runner: Runner = run_command,
+        sysctl: SysctlAccess | None = None,
     ) -> None:
         self._config = config
+        self._sysctl = sysctl or ProcSysctl()
+        self._saved_loose: str | None = None
         self._marks = marks or MarkBits()
         self._families = families(variant)
         self._run = runner
@@ -317,6 +347,13 @@ class Dataplane:
             self._restore(family, install_batch(self._config, self._marks, family))
         self._installed = True
         self._installs += 1
+        if self._config.sync is not None:
+            # Written only when needed: a container's /proc/sys is read-only,
+            # and its compose file sets the value instead (sysctls:).
+            current = self._sysctl.read(TCP_LOOSE)
+            if current != "0":
+                self._sysctl.write(TCP_LOOSE, "0")
+                self._saved_loose = current
 
     def remove(self) -> None:
         """Remove every jump to an STK- chain and the chains; a no-op when clean."""
@@ -330,6 +367,9 @@ class Dataplane:
         if self._installed:
             self._removals += 1
         self._installed = False
+        if self._saved_loose is not None:
+            self._sysctl.write(TCP_LOOSE, self._saved_loose)
+            self._saved_loose = None
 
     def _restore(self, family: Family, batch: str) -> None:
         self._checked([family.restore, "--noflush", "--wait"], batch)

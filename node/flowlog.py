@@ -127,7 +127,9 @@ class FlowLog:
         """Record what one decision changed: flow events, and a deny of a NEW packet."""
         if d.events:
             self.observe_events(d.events, now)
-        if d.ct_state is _NEW and d.verdict is not _ACCEPT:
+        # A held packet (asymmetric routing: its flow's state may be on the
+        # way) is not denied yet: it is judged again, and logged then.
+        if d.ct_state is _NEW and d.verdict is not _ACCEPT and d.hold_key is None:
             self._offer((_DENY, now, d, in_iface, out_iface), now)
 
     def observe_events(self, events: Iterable[FlowEvent], now: float) -> None:
@@ -266,6 +268,12 @@ class LoggingEngine(Engine):
         d = super().process(data, now, in_iface, out_iface)
         self.flow_log.observe(d, now, in_iface, out_iface)
         return d
+
+    def settle(self, d: Decision, now: float) -> Decision:
+        """A holdable decision that was not held (queue full) stands: log it now."""
+        settled = super().settle(d, now)
+        self.flow_log.observe(settled, now)
+        return settled
 
     def expire(self, now: float) -> list[FlowEvent]:
         events = super().expire(now)

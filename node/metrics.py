@@ -38,25 +38,30 @@ import logging
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Final, TypeVar
+from typing import Final, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
     Metric,
 )
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from cluster.rules import FollowerStats
 from node.engine import EngineStats
 from node.errors import DataplaneError
 from node.flow.table import TableStats
 from node.flowlog import FlowLogFileStats, FlowLogStats
+from node.hold import HoldStats
 from node.kernel_ct import KernelCtStats
 from node.nfq import AdapterStats, KernelQueueStats
 from node.policy import RulesetStats
+from node.supervise import SupervisorStats
+from node.synclink import SyncLinkStats
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +94,10 @@ class MetricSources:
     dataplane_installed: Callable[[], bool] | None = None
     flow_log: Callable[[], FlowLogStats] | None = None
     flow_log_file: Callable[[], FlowLogFileStats] | None = None
+    sync_link: Callable[[], SyncLinkStats | None] | None = None  # standalone: None
+    hold: Callable[[], HoldStats] | None = None  # standalone: None
+    supervisor: Callable[[], SupervisorStats] | None = None  # syncd run by others: None
+    rules: Callable[[], FollowerStats | None] | None = None  # rules from etcd: the follower
 
 
 class _Families:
@@ -188,9 +197,6 @@ def _adapter(f: _Families, s: AdapterStats) -> None:
               "Times the queue socket overflowed (packets lost).", s.enobufs_total)  # fmt: skip
     f.counter("stockade_nfq_batches_total", "Batches read from the queue.", s.batches_total)
     f.counter("stockade_flow_events_total", "Flow events produced.", s.events_total)
-    f.counter("stockade_flow_events_overflow_total",
-              "Flow events dropped from the full outbox.", s.outbox_overflow_total)  # fmt: skip
-    f.gauge("stockade_flow_events_pending", "Flow events in the outbox.", s.outbox_pending)
     f.counter("stockade_flow_expiry_runs_total", "Flow expiry timer runs.", s.expiry_runs_total)
 
 
@@ -257,6 +263,95 @@ class NodeSnapshot:
     dataplane_installed: bool | None
     flow_log: FlowLogStats | None
     flow_log_file: FlowLogFileStats | None
+    sync_link: SyncLinkStats | None = None
+    hold: HoldStats | None = None
+    supervisor: SupervisorStats | None = None
+    rules: FollowerStats | None = None
+
+
+def _rules(f: _Families, s: FollowerStats) -> None:
+    running = s.running_revision or 0
+    # rules/current as last read: a refused newer revision is current, not running.
+    current = max(running, s.refused_revision or 0)
+    f.gauge("stockade_rules_revision",
+            "Cluster ruleset revision the filter runs (0: its own rules file).",
+            running)  # fmt: skip
+    f.gauge("stockade_rules_current_revision",
+            "rules/current in etcd as this node last read it.", current)  # fmt: skip
+    f.counter("stockade_rules_refused_total",
+              "Cluster rulesets this node could not use (kept the running one).",
+              s.refused)  # fmt: skip
+    f.gauge("stockade_rules_etcd_degraded",
+            "1 while the ruleset watch cannot reach etcd (fail static).",
+            int(s.degraded))  # fmt: skip
+
+
+def _sync_link(f: _Families, s: SyncLinkStats) -> None:
+    f.gauge("stockade_synclink_connected", "1 while the local link to syncd is up.",
+            int(s.connected))  # fmt: skip
+    f.gauge("stockade_synclink_synced",
+            "1 once the table was restored from syncd (ready for ownership).",
+            int(s.synced))  # fmt: skip
+    f.gauge("stockade_synclink_queued", "Flow changes waiting to be sent to syncd.", s.queued)
+    for name, doc, value in (
+        ("connects", "Sessions with syncd established.", s.connects_total),
+        ("connect_failures", "Connection attempts to syncd that failed.",
+         s.connect_failures_total),
+        ("disconnects", "Sessions with syncd that ended.", s.disconnects_total),
+        ("deltas_sent", "Flow changes sent to syncd.", s.deltas_sent_total),
+        ("replicas_applied", "Records from syncd that changed the table.",
+         s.replicas_applied_total),
+        ("replicas_ignored", "Records from syncd ignored (duplicate, stale, confirmed).",
+         s.replicas_ignored_total),
+        ("replicas_refused", "Records refused: the table was full of assured flows.",
+         s.replicas_refused_total),
+        ("bad_records", "Records from syncd that failed validation.", s.bad_records_total),
+        ("bad_frames", "Bad frames from syncd (session closed).", s.bad_frames_total),
+        ("rounds", "Reconcile rounds (table requests) started.", s.rounds_total),
+        ("swept", "Replicas removed because syncd no longer held them.", s.swept_total),
+        ("resent", "Own flows sent again after a reconcile round.", s.resent_total),
+        ("overflow", "Flow changes dropped: the queue to syncd was full.", s.overflow_total),
+        ("internal_errors", "Unexpected errors in the sync link (bugs).",
+         s.internal_errors_total),
+    ):  # fmt: skip
+        f.counter(f"stockade_synclink_{name}_total", doc, value)
+
+
+def _hold(f: _Families, s: HoldStats) -> None:
+    f.counter("stockade_hold_held_total", "Packets held waiting for their flow's replica.",
+              s.held_total)  # fmt: skip
+    f.counter("stockade_hold_released_by_replica_total",
+              "Held packets released because their flow's record arrived.",
+              s.released_by_replica_total)  # fmt: skip
+    f.counter("stockade_hold_expired_total",
+              "Held packets judged after the hold timeout.", s.expired_total)  # fmt: skip
+    f.counter("stockade_hold_flushed_total", "Held packets judged at shutdown.", s.flushed_total)
+    f.counter("stockade_hold_overflow_total",
+              "Packets not held because the hold queue was full.", s.overflow_total)  # fmt: skip
+    f.gauge("stockade_hold_waiting", "Packets held now.", s.waiting)
+    f.gauge("stockade_hold_waiting_flows", "Flow keys held now.", s.waiting_flows)
+    family = HistogramMetricFamily(
+        "stockade_hold_release_latency_seconds",
+        "Wait of held packets released by a replica (hold -> record installed).",
+        labels=["node"],
+    )
+    cumulative, buckets = 0, []
+    for bound, count in zip((*s.latency_bounds_ms, float("inf")), s.latency_counts, strict=True):
+        cumulative += count
+        buckets.append((_le(bound), cumulative))
+    family.add_metric([f.node], buckets, sum_value=s.latency_sum_ms / 1000.0)
+    f.out.append(family)
+
+
+def _le(bound_ms: float) -> str:
+    return "+Inf" if bound_ms == float("inf") else repr(bound_ms / 1000.0)
+
+
+def _supervisor(f: _Families, s: SupervisorStats) -> None:
+    f.gauge("stockade_syncd_running", "1 while the supervised syncd process is alive.",
+            int(s.running))  # fmt: skip
+    f.counter("stockade_syncd_restarts_total", "Supervised syncd restarts after an exit.",
+              s.restarts_total)  # fmt: skip
 
 
 def families(node_id: str, s: NodeSnapshot) -> list[Metric]:
@@ -279,6 +374,14 @@ def families(node_id: str, s: NodeSnapshot) -> list[Metric]:
         _flow_log(f, s.flow_log)
     if s.flow_log_file is not None:
         _flow_log_file(f, s.flow_log_file)
+    if s.sync_link is not None:
+        _sync_link(f, s.sync_link)
+    if s.hold is not None:
+        _hold(f, s.hold)
+    if s.supervisor is not None:
+        _supervisor(f, s.supervisor)
+    if s.rules is not None:
+        _rules(f, s.rules)
     return f.out
 
 
@@ -300,10 +403,17 @@ class NodeCollector:
             src.engine(), src.table(), src.ruleset(), _call(src.adapter),
             _call(src.kernel_queue), _call(src.kernel_ct), _call(src.dataplane_installed),
             _call(src.flow_log), _call(src.flow_log_file),
+            src.sync_link() if src.sync_link is not None else None,
+            _call(src.hold), _call(src.supervisor), _call(src.rules),
         )  # fmt: skip
 
     def collect(self) -> Iterator[Metric]:
         return iter(families(self.node_id, self.snapshot()))
+
+    def prepare(self, process: bool) -> Callable[[], bytes]:
+        """Snapshot now; the returned call renders it (any thread)."""
+        snapshot, node_id = self.snapshot(), self.node_id
+        return lambda: render(node_id, snapshot, process)
 
 
 class _Frozen:
@@ -332,6 +442,11 @@ class _NodeLabelled:
             yield labelled
 
 
+def process_collector(node_id: str) -> Collector:
+    """prometheus_client's process metrics (CPU, memory, fds) with the ``node`` label."""
+    return _NodeLabelled(ProcessCollector(registry=None), node_id)
+
+
 def build_registry(node_id: str, sources: MetricSources, process: bool = True) -> CollectorRegistry:
     """A private registry with the node's collector (and the process metrics).
 
@@ -341,7 +456,7 @@ def build_registry(node_id: str, sources: MetricSources, process: bool = True) -
     registry = CollectorRegistry()
     registry.register(NodeCollector(node_id, sources))
     if process:
-        registry.register(_NodeLabelled(ProcessCollector(registry=None), node_id))
+        registry.register(process_collector(node_id))
     return registry
 
 
@@ -350,7 +465,7 @@ def render(node_id: str, snapshot: NodeSnapshot, process: bool = True) -> bytes:
     registry = CollectorRegistry()
     registry.register(_Frozen(families(node_id, snapshot)))
     if process:
-        registry.register(_NodeLabelled(ProcessCollector(registry=None), node_id))
+        registry.register(process_collector(node_id))
     return generate_latest(registry)
 
 
@@ -372,6 +487,14 @@ _REASONS: Final = {200: "OK", 400: "Bad Request", 404: "Not Found",
 _INDEX: Final = b"Stockade node. Metrics: /metrics\n"
 
 
+class Scrapeable(Protocol):
+    """What :class:`MetricsServer` serves: ``prepare`` reads every snapshot now (on
+    the loop, which owns the counters) and returns the rendering to run on the
+    worker thread.  :class:`NodeCollector` is one; syncd has its own."""
+
+    def prepare(self, process: bool) -> Callable[[], bytes]: ...
+
+
 class MetricsServer:
     """Serves ``collector`` at ``http://host:port/metrics`` on the running asyncio loop.
 
@@ -379,7 +502,7 @@ class MetricsServer:
     """
 
     def __init__(
-        self, collector: NodeCollector, host: str, port: int, *, process: bool = True
+        self, collector: Scrapeable, host: str, port: int, *, process: bool = True
     ) -> None:
         self._collector = collector
         self._process = process
@@ -466,10 +589,8 @@ class MetricsServer:
     async def _scrape(self) -> tuple[int, bytes, str]:
         """Snapshot here, on the loop; render on the worker thread (module doc)."""
         try:
-            snapshot = self._collector.snapshot()
-            body = await asyncio.get_running_loop().run_in_executor(
-                self._executor, render, self._collector.node_id, snapshot, self._process
-            )
+            rendering = self._collector.prepare(self._process)
+            body = await asyncio.get_running_loop().run_in_executor(self._executor, rendering)
         except Exception:
             self._n["errors"] += 1
             log.exception("collecting metrics failed")

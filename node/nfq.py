@@ -23,10 +23,21 @@ closed), is counted and logged at most once a minute per exception type;
 the loop never dies of it.  The callback must never raise: netfilterqueue
 calls it from C and does not check for a pending Python exception.
 
-Flow events go to a bounded outbox (a later consumer is the sync daemon);
-``FlowDeleted`` of an offloaded flow is also handed to ``on_offloaded_delete``
+Flow events go to ``on_events`` when given (the sync link's ``offer``:
+O(1), bounded, never blocks; a standalone node has no consumer and keeps
+none); ``FlowDeleted`` of an offloaded flow is also handed to
+``on_offloaded_delete``
 (:class:`node.kernel_ct.KernelConntrack`).  One timer, armed from
 ``engine.next_deadline()``, expires flows.
+
+Held packets (``hold``, clustered nodes only; see :mod:`node.hold`): a
+decision with a ``hold_key`` keeps its packet object without a verdict
+(netfilterqueue sends a verdict for a kept packet whenever it is given, as
+long as the queue is bound; the payload was copied by ``get_payload``).
+:meth:`NfqAdapter.release` (the sync link installed a record) and a second
+timer (the hold timeout) judge held packets again with
+``engine.reprocess``; :meth:`stop` judges whatever is still held before it
+unbinds.  A full hold queue means the packet is judged at once.
 """
 
 from __future__ import annotations
@@ -38,7 +49,6 @@ import os
 import socket
 import time
 import warnings
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -49,11 +59,11 @@ from node.engine import Decision, Engine, Verdict
 from node.errors import DataplaneError
 from node.flow.events import FlowDeleted, FlowEvent, FlowSnapshot
 from node.flow.key import flow_key_bytes
+from node.hold import Held, HoldQueue
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH = 256  # packets per readable event before yielding to the loop
-DEFAULT_OUTBOX = 65536  # flow events kept for a consumer; older ones dropped, counted
 IFNAME_REFRESH = 60.0  # seconds; interface renames show up within this
 MIN_TIMER_DELAY = 0.01  # never re-arm the expiry timer tighter than this (no spinning)
 LOG_EVERY = 60.0  # seconds between two log lines about the same exception type
@@ -94,10 +104,14 @@ class AdapterStats:
     enobufs_total: int  # times the kernel said our socket overflowed (packets lost)
     batches_total: int
     events_total: int  # flow events produced
-    outbox_overflow_total: int  # events dropped because no consumer kept up
-    outbox_pending: int
     expiry_runs_total: int
     unoffloaded_total: int = 0  # offloaded flows taken back from the kernel (FIN/RST)
+    held_now: int = 0  # packets waiting in the hold queue for a verdict
+
+
+# A held packet: the library's packet, its payload and interface names.
+HeldPacket = tuple["NfqPacket", bytes, str | None, str | None]
+EventSink = Callable[[tuple[FlowEvent, ...]], None]
 
 
 class _RateLimitedLog:
@@ -172,8 +186,9 @@ class NfqAdapter:
         on_offloaded_delete: Callable[[FlowSnapshot], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         batch: int = DEFAULT_BATCH,
-        outbox_len: int = DEFAULT_OUTBOX,
         ifname: Callable[[int], str] = socket.if_indextoname,
+        hold: HoldQueue[HeldPacket] | None = None,
+        on_events: EventSink | None = None,
     ) -> None:
         self._engine = engine
         self._queue_cfg = queue
@@ -182,7 +197,6 @@ class NfqAdapter:
         self._on_offloaded_delete = on_offloaded_delete
         self._clock = clock
         self._batch = batch
-        self.outbox: deque[FlowEvent] = deque(maxlen=outbox_len)
         self._ifnames = _IfNames(ifname)
         self._errors = _RateLimitedLog(LOG_EVERY)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -191,9 +205,12 @@ class NfqAdapter:
         self._fd = -1
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
+        self.hold = hold
+        self._on_events = on_events
+        self._hold_timer: asyncio.TimerHandle | None = None
         self._n = dict.fromkeys(
             ("packets", "accepted", "offloaded", "rejected", "dropped", "engine_errors",
-             "verdict_errors", "enobufs", "batches", "events", "overflow", "expiries",
+             "verdict_errors", "enobufs", "batches", "events", "expiries",
              "unoffloaded"),
             0,
         )  # fmt: skip
@@ -229,10 +246,15 @@ class NfqAdapter:
         self._rearm()
 
     def stop(self) -> None:
-        """Stop reading and unbind; the kernel drops packets still queued to us."""
+        """Judge held packets, stop reading and unbind; the kernel drops the rest queued."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer, self._timer_at = None, float("inf")
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
+        if self.hold is not None and self._nfq is not None:
+            self._judge_again(self.hold.flush())
         if self._loop is not None and self._fd >= 0:
             self._loop.remove_reader(self._fd)
         if self._nfq is not None:
@@ -262,20 +284,75 @@ class NfqAdapter:
         self._n["packets"] += 1
         try:
             now = self._clock()
-            decision = self._engine.process(
-                pkt.get_payload(), now,
-                self._ifnames.name(pkt.indev, now), self._ifnames.name(pkt.outdev, now),
-            )  # fmt: skip
+            payload = pkt.get_payload()
+            in_name = self._ifnames.name(pkt.indev, now)
+            out_name = self._ifnames.name(pkt.outdev, now)
+            decision = self._engine.process(payload, now, in_name, out_name)
+            key = decision.hold_key
+            if key is not None:
+                if self.hold is not None and self.hold.hold(
+                    key, (pkt, payload, in_name, out_name), now
+                ):
+                    self._arm_hold_timer()
+                    self._events(decision.events)
+                    return
+                decision = self._engine.settle(decision, now)
         except Exception as e:
             self._n["engine_errors"] += 1
             self._errors.error(type(e).__name__, self._clock(), "engine failed on a packet", e)
             self._give(pkt, "dropped", pkt.drop)
             return
         self._verdict(pkt, decision)
+        self._events(decision.events)
+
+    def _events(self, events: tuple[FlowEvent, ...] | list[FlowEvent]) -> None:
+        if not events:
+            return
         try:
-            self._push_events(decision.events)
+            self._push_events(events)
         except Exception as e:
             self._errors.error("events", self._clock(), "handling flow events failed", e)
+
+    # -- held packets --------------------------------------------------------
+
+    def release(self, key: bytes) -> None:
+        """A record for ``key`` was installed: judge the packets held for it, in order."""
+        if self.hold is None or key not in self.hold or self._nfq is None:
+            return
+        self._judge_again(self.hold.release(key, self._clock()))
+
+    def _judge_again(self, released: list[Held[HeldPacket]]) -> None:
+        for held in released:
+            pkt, payload, in_name, out_name = held.item
+            try:
+                decision = self._engine.reprocess(payload, self._clock(), in_name, out_name)
+            except Exception as e:
+                self._n["engine_errors"] += 1
+                self._errors.error(type(e).__name__, self._clock(), "engine failed on a packet", e)
+                self._give(pkt, "dropped", pkt.drop)
+                continue
+            self._verdict(pkt, decision)
+            self._events(decision.events)
+        if released:
+            self._rearm()  # a flow may have been created or changed
+
+    def _arm_hold_timer(self) -> None:
+        if self._hold_timer is not None or self._loop is None or self.hold is None:
+            return
+        deadline = self.hold.next_deadline()
+        if deadline is not None:
+            delay = max(deadline - self._clock(), 0.0)
+            self._hold_timer = self._loop.call_later(delay, self._on_hold_timer)
+
+    def _on_hold_timer(self) -> None:
+        self._hold_timer = None
+        if self.hold is None:
+            return
+        try:
+            self._judge_again(self.hold.expire(self._clock()))
+        except Exception as e:  # a bug; the packets' verdicts were attempted one by one
+            self._errors.error("hold", self._clock(), "hold queue expiry failed", e)
+        self._arm_hold_timer()
 
     def _verdict(self, pkt: NfqPacket, d: Decision) -> None:
         if d.verdict is Verdict.ACCEPT and not ((d.offload or d.unoffload) and self._offload):
@@ -316,11 +393,10 @@ class NfqAdapter:
         return True
 
     def _push_events(self, events: tuple[FlowEvent, ...] | list[FlowEvent]) -> None:
+        self._n["events"] += len(events)
+        if self._on_events is not None:
+            self._on_events(tuple(events))
         for event in events:
-            self._n["events"] += 1
-            if len(self.outbox) == self.outbox.maxlen:
-                self._n["overflow"] += 1
-            self.outbox.append(event)
             if (
                 isinstance(event, FlowDeleted)
                 and event.snapshot.offloaded
@@ -356,19 +432,13 @@ class NfqAdapter:
             self._errors.error("events", self._clock(), "handling expiry events failed", e)
         self._rearm(floor=MIN_TIMER_DELAY)
 
-    # -- consumers ---------------------------------------------------------
-
-    def drain_events(self, limit: int | None = None) -> list[FlowEvent]:
-        """Take up to ``limit`` (all when None) events from the outbox, oldest first."""
-        n = len(self.outbox) if limit is None else min(limit, len(self.outbox))
-        return [self.outbox.popleft() for _ in range(n)]
-
     def statistics(self) -> AdapterStats:
         n = self._n
         return AdapterStats(
             n["packets"], n["accepted"], n["offloaded"], n["rejected"], n["dropped"],
             n["engine_errors"], n["verdict_errors"], n["enobufs"], n["batches"], n["events"],
-            n["overflow"], len(self.outbox), n["expiries"], n["unoffloaded"],
+            n["expiries"], n["unoffloaded"],
+            len(self.hold) if self.hold is not None else 0,
         )  # fmt: skip
 
 

@@ -12,7 +12,9 @@ Wiring (all on the daemon's event loop, next to the NFQUEUE adapter)::
     await link.stop()
 
 ``now`` must be the clock the engine gets (deadlines become seconds left
-with it).  ``on_events`` receives the table events that applying syncd's
+with it).  ``on_installed(key)`` is called for every record that installed
+or updated a flow (the adapter releases packets held for that key, see
+``node.hold``).  ``on_events`` receives the table events that applying syncd's
 records produced (``ReplicaDeleted`` of removed replicas, evictions), so the
 daemon can clear kernel fast-path marks and log them; they are not engine
 events, so the NFQUEUE outbox never sees them.
@@ -104,6 +106,7 @@ _APPLIED: Final = frozenset(
     {ApplyOutcome.INSTALLED, ApplyOutcome.UPDATED, ApplyOutcome.REMOVED, ApplyOutcome.TOMBSTONED}
 )
 _IGNORED: Final = frozenset({ApplyOutcome.DUPLICATE, ApplyOutcome.STALE, ApplyOutcome.BLOCKED})
+_PRESENT: Final = frozenset({ApplyOutcome.INSTALLED, ApplyOutcome.UPDATED})
 
 EventSink = Callable[[tuple[FlowEvent, ...]], None]
 _Item = tuple[FlowEvent, int] | LocalChange  # an event with its version, or a ready change
@@ -179,6 +182,7 @@ class SyncLink:
         config: SyncLinkConfig | None = None,
         now: Callable[[], float] = time.monotonic,
         on_events: EventSink | None = None,
+        on_installed: Callable[[bytes], None] | None = None,
     ) -> None:
         if not check_node_id(node_id):
             raise ConfigError(f"sync link: node id {node_id!r} is invalid")
@@ -192,6 +196,7 @@ class SyncLink:
         self._config = config or SyncLinkConfig()
         self._now = now
         self._on_events = on_events
+        self._on_installed = on_installed
         table.set_local_origin(node_id)
         self._queue: deque[_Item] = deque()
         self._inflight: list[_Item] = []  # in the frame being written
@@ -464,6 +469,8 @@ class SyncLink:
             self.offer(events)  # an own flow evicted to make room is news
             if self._on_events is not None:
                 self._on_events(events)
+        if outcome in _PRESENT and self._on_installed is not None:
+            self._on_installed(record.key)
 
     def _bad_record(self, exc: Exception) -> None:
         self._n["bad_records"] += 1

@@ -4,6 +4,8 @@ Writes, in one directory::
 
     ca.pem  ca.key            the cluster CA (EC P-256, self-signed, CA:TRUE pathlen 0)
     <node>.pem  <node>.key    one per node, signed by the CA
+    beacon.key                the cluster's shared key for syncd's UDP liveness
+                              beacons (64 hex digits, HMAC-SHA256; syncd.beacon)
 
 A node certificate names its node twice: SAN URI ``stockade://<cluster>/<node>``
 (what syncd reads to learn who a peer is, see :mod:`syncd.tls`) and SAN DNS
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -28,7 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from syncd.config import check_cluster_id
+from syncd.config import BEACON_KEY_BYTES, BEACON_KEY_FILE, check_cluster_id
 from syncd.errors import ConfigError
 from syncd.records import check_node_id
 
@@ -121,7 +124,7 @@ def init_certs(
     days: int = DEFAULT_DAYS,
     now: dt.datetime | None = None,
 ) -> list[str]:
-    """Create the CA and node certificates in ``directory``; returns the paths written.
+    """Create the CA, node certificates and the beacon key in ``directory``; the paths written.
 
     :class:`ConfigError` for a bad cluster id, node id or validity, or when a
     file exists and ``force`` is false (nothing is written then).
@@ -137,6 +140,8 @@ def init_certs(
         raise ConfigError(f"validity must be 1..36500 days, not {days}")
     names = ["ca", *nodes]
     paths = [os.path.join(directory, f"{n}.{ext}") for n in names for ext in ("pem", "key")]
+    beacon_key = os.path.join(directory, BEACON_KEY_FILE)
+    paths.append(beacon_key)
     existing = [p for p in paths if os.path.exists(p)]
     if existing and not force:
         raise ConfigError(f"{existing[0]} exists; use --force to overwrite")
@@ -149,6 +154,9 @@ def init_certs(
             _write(os.path.join(directory, f"{name}.key"), _key_pem(issued[name].key), 0o600)
             cert_pem = issued[name].cert.public_bytes(serialization.Encoding.PEM)
             _write(os.path.join(directory, f"{name}.pem"), cert_pem, 0o644)
+        # The liveness beacons' shared HMAC key (syncd.beacon): like the node
+        # keys, copy it only to the cluster's nodes.
+        _write(beacon_key, secrets.token_hex(BEACON_KEY_BYTES).encode() + b"\n", 0o600)
     except OSError as e:
         raise ConfigError(f"{directory}: cannot write certificates: {e.strerror or e}") from None
     return paths

@@ -43,6 +43,29 @@ def _cmd_query(args: argparse.Namespace) -> int:
     return 0 if reply.get("ok", True) else 1
 
 
+def _cmd_agent(args: argparse.Namespace) -> int:
+    """``drain`` / ``status``: the cluster agent in a running syncd (its control socket)."""
+    import json
+
+    from node.control import ControlError, request
+
+    try:
+        reply = request(args.socket, {"cmd": args.what}, timeout=5.0)
+    except ControlError as e:
+        print(f"stockade: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(reply, indent=2, sort_keys=True))
+    return 0 if reply.get("ok", True) else 1
+
+
+def _add_agent_commands(parent: SubParsers, where: str) -> None:
+    drain = parent.add_parser(
+        "drain", help="move this node's VIPs to the others, then leave the cluster"
+    )
+    drain.add_argument("--socket", required=True, help=f"{where}'s control socket")
+    drain.set_defaults(handler=_cmd_agent, what="drain")
+
+
 def _cmd_certs_init(args: argparse.Namespace) -> int:
     from syncd.certs import init_certs
     from syncd.errors import SyncError
@@ -59,7 +82,8 @@ def _cmd_certs_init(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: SubParsers) -> None:
-    """Register ``stockade syncd {run,stats,flows,digest}`` and ``stockade certs init``."""
+    """Register ``stockade syncd {run,stats,flows,digest,status,drain}``, ``stockade node
+    drain`` (when the ``node`` command exists) and ``stockade certs init``."""
     syncd = sub.add_parser("syncd", help="run and inspect the state sync daemon")
     syncd_sub = syncd.add_subparsers(dest="syncd_command", required=True)
     run = syncd_sub.add_parser("run", help="run syncd (gRPC to peers, local link to the filter)")
@@ -72,6 +96,16 @@ def add_parser(sub: SubParsers) -> None:
             p.add_argument("--origin", help="only this origin's flows")
             p.add_argument("--limit", type=int, default=1000, help="at most this many")
         p.set_defaults(handler=_cmd_query, what=what)
+    agent_status = syncd_sub.add_parser("status", help="print the cluster agent's state as JSON")
+    agent_status.add_argument("--socket", required=True, help="syncd's control socket")
+    agent_status.set_defaults(handler=_cmd_agent, what="status")
+    _add_agent_commands(syncd_sub, "syncd")
+    # `stockade node drain` too, when node.cli built a `node` command before us.
+    node = sub.choices.get("node")
+    if node is not None:
+        for action in node._actions:
+            if isinstance(action, argparse._SubParsersAction) and "drain" not in action.choices:
+                _add_agent_commands(action, "syncd")
 
     certs = sub.add_parser("certs", help="cluster CA and node certificates for syncd mTLS")
     certs_sub = certs.add_subparsers(dest="certs_command", required=True)

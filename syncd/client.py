@@ -216,6 +216,13 @@ async def pull_origin(
                     error = "the peer ended the snapshot before its last page"
                 except grpc.aio.AioRpcError as e:
                     error = f"{e.code().name}: {e.details()}"
+                    if _not_member_yet(e):
+                        # We registered in etcd a moment ago; the peer admits
+                        # us once its agent has seen that (tens of ms).
+                        # Giving up here would restore a table without our
+                        # own flows, and drop them when we take VIPs back.
+                        await asyncio.sleep(NOT_MEMBER_RETRY)
+                        continue
                     if e.code() is not grpc.StatusCode.UNAVAILABLE or count == 0:
                         break  # refused, or nobody there: do not insist
                     await asyncio.sleep(Backoff().initial)  # broken mid-way: resume
@@ -225,10 +232,19 @@ async def pull_origin(
     return PullResult(peer, count, False, error)
 
 
+NOT_MEMBER_RETRY = 0.05  # seconds between Snapshot attempts while a peer does not admit us yet
+
+
+def _not_member_yet(error: grpc.aio.AioRpcError) -> bool:
+    details = error.details() or ""
+    return error.code() is grpc.StatusCode.PERMISSION_DENIED and details.startswith("not-member")
+
+
 def page_records(chunk: pb.SnapshotChunk, origin: str, cursor: bytes) -> list[FlowRecord]:
     """Validate one bulk snapshot page; :class:`BadMessage` and nothing applied if bad."""
     if len(chunk.records) > MAX_PAGE_RECORDS or len(chunk.next_cursor) > MAX_KEY_LEN:
         raise BadMessage("bad-snapshot-page", "too many records or cursor too long")
+    chunk.DiscardUnknownFields()  # records keep their encoding (FlowRecord.body)
     records = [record_from_pb(r) for r in chunk.records]
     previous = cursor
     for record in records:

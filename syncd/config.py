@@ -29,6 +29,14 @@ Example (all keys but ``node_id``, ``cluster_id``, ``state_dir`` and
     max_message_bytes: 4194304
     local_queue: 65536
     recovery_timeout: 5.0
+    cluster: {...}             # optional: the cluster agent (cluster.config)
+
+**Node files.**  ``stockade node run`` reads one file per node; its
+``sync:`` section holds the keys above (without ``node_id``/``cluster_id``,
+which are top-level, plus ``supervise``, read by the node and ignored here)
+and its ``cluster:`` section configures the agent.  :func:`from_node_mapping`
+builds a :class:`SyncdConfig` from such a file; :func:`load_syncd_config`
+accepts both kinds (a file with a ``sync:`` key is a node file).
 """
 
 from __future__ import annotations
@@ -37,15 +45,21 @@ import ipaddress
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
-from typing import Any, Final
+from dataclasses import dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Any, Final
 
 import yaml
 
+from cluster.config import AgentConfig, agent_config_from_mapping
+from cluster.errors import BadInput
+from syncd.antientropy import AntiEntropyConfig
 from syncd.errors import ConfigError
 from syncd.records import check_node_id
 from syncd.replica import ReplicaConfig
 from syncd.session import SessionConfig
+
+if TYPE_CHECKING:
+    from syncd.metrics import MetricsConfig
 
 DEFAULT_LISTEN: Final = "127.0.0.1:7400"
 # Cluster ids appear in certificate URIs (stockade://<cluster>/<node>).
@@ -53,6 +67,8 @@ _CLUSTER_ID: Final = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}\Z")
 _HOST: Final = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})\Z")
 MIN_MESSAGE_BYTES: Final = 64 * 1024  # a full batch or snapshot page must fit
 MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
+BEACON_KEY_FILE: Final = "beacon.key"  # beside the CA certificate
+BEACON_KEY_BYTES: Final = 32
 MAX_EPOCH: Final = (1 << 30) - 1  # VersionClock floors at epoch << 32, kept below 2**62
 _DEFAULT_SESSION: Final = SessionConfig(cluster_id="default")  # placeholder, see SyncdConfig
 
@@ -76,6 +92,14 @@ def split_address(what: str, address: str, *, ip_only: bool = False) -> tuple[st
         kind = "an IP address" if ip_only else "a host name or IP address"
         raise ConfigError(f"{what}: {host!r} is not {kind}")
     return host, int(port)
+
+
+def is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_ip(host: str, version: int) -> bool:
@@ -114,6 +138,25 @@ class TlsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class BeaconsConfig:
+    """UDP liveness beacons beside the streams (``syncd.beacon``)."""
+
+    # Send and receive them (the cluster agent hears a peer by either).
+    enabled: bool = True
+    # Seconds between beacons to every peer: 15 lost in a row before a
+    # 150 ms suspicion, where one lost TCP segment silences a whole stream.
+    interval: float = 0.01
+    # 32-byte key (64 hex digits) shared by the cluster's nodes; beacons are
+    # signed with it (HMAC-SHA256).  None: ``beacon.key`` beside tls.ca, as
+    # `stockade certs init` writes it; without tls (insecure) unsigned.
+    key_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.001 <= self.interval <= 1:
+            raise ConfigError(f"interval must be 0.001..1 s, not {self.interval}")
+
+
+@dataclass(frozen=True, slots=True)
 class SyncdConfig:
     # This node's id; equal to the filter's node_id and named by its certificate.
     node_id: str
@@ -146,6 +189,26 @@ class SyncdConfig:
     local_queue: int = 65536
     # Seconds spent at start pulling this node's own flows back from peers.
     recovery_timeout: float = 5.0
+    # The cluster agent (etcd membership, VIPs); None: static peers, no VIPs.
+    cluster: AgentConfig | None = None
+    # The filter's control socket (a node file's top-level control_socket):
+    # the agent reads the filter's "synced" flag there.  None: no filter known.
+    filter_control_socket: str | None = None
+    # Periodic digest comparison with each peer (see syncd.antientropy).
+    anti_entropy: AntiEntropyConfig = field(default_factory=AntiEntropyConfig)
+    # Prometheus endpoint of this process (syncd and agent metrics); None: off.
+    metrics: MetricsConfig | None = None
+    # Liveness beacons over UDP, on the listen address and port.
+    beacons: BeaconsConfig = field(default_factory=BeaconsConfig)
+
+    @property
+    def beacon_key_file(self) -> str | None:
+        """Where the beacon key is read from (None: unsigned, insecure mode only)."""
+        if self.beacons.key_file is not None:
+            return self.beacons.key_file
+        if self.tls is not None:
+            return os.path.join(os.path.dirname(self.tls.ca), BEACON_KEY_FILE)
+        return None
 
     def __post_init__(self) -> None:
         if not check_node_id(self.node_id):
@@ -180,6 +243,8 @@ class SyncdConfig:
             raise ConfigError(f"local_queue must be 1..16777216, not {self.local_queue}")
         if not 0 <= self.recovery_timeout <= 600:
             raise ConfigError(f"recovery_timeout must be 0..600 s, not {self.recovery_timeout}")
+        if self.cluster is not None and self.peers:
+            raise ConfigError("peers: with a cluster section, peers come from etcd; list none")
 
 
 # --- loading ---------------------------------------------------------------------
@@ -188,7 +253,8 @@ _TOP: Final = {
     "node_id": str, "cluster_id": str, "state_dir": str, "local_socket": str, "listen": str,
     "peers": list, "control_socket": str, "tls": dict, "insecure": bool, "session": dict,
     "store": dict, "outbox_capacity": int, "max_message_bytes": int, "local_queue": int,
-    "recovery_timeout": float,
+    "recovery_timeout": float, "cluster": dict, "anti_entropy": dict, "metrics": dict,
+    "beacons": dict,
 }  # fmt: skip
 _PATHS: Final = ("state_dir", "local_socket", "control_socket")
 
@@ -204,10 +270,61 @@ def load_syncd_config(path: str) -> SyncdConfig:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
+    base_dir = os.path.dirname(os.path.abspath(path))
     try:
-        return syncd_config_from_mapping(raw, os.path.dirname(os.path.abspath(path)))
+        if "sync" in raw:
+            config = from_node_mapping(raw, base_dir)
+            assert config is not None  # a sync section is present
+            return config
+        return syncd_config_from_mapping(raw, base_dir)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+# Keys of a node file that are not the filter's: checked here.
+_NODE_SYNC_ONLY: Final = {"supervise": bool}
+
+
+def from_node_mapping(raw: Mapping[str, Any], base_dir: str = ".") -> SyncdConfig | None:
+    """The syncd part of a node file (contract A); None when it has no ``sync`` section.
+
+    Reads the top-level ``node_id``, ``cluster_id`` and ``control_socket``
+    (the filter's), the ``sync`` section (syncd's keys plus ``supervise``)
+    and the ``cluster`` section; every other top-level key is the filter's
+    and is left to the node loader.  Raises :class:`ConfigError` naming the
+    field (``sync.listen: ...``, ``cluster.vips[0].home: ...``).
+    """
+    sync, cluster = raw.get("sync"), raw.get("cluster")
+    if sync is None:
+        if cluster is not None:
+            raise ConfigError("cluster: requires a sync section")
+        return None
+    if not isinstance(sync, dict):
+        raise ConfigError("sync: expected a mapping")
+    for key in ("node_id", "cluster_id"):
+        if key in sync:
+            raise ConfigError(f"sync.{key}: set {key} at the top level of a node file")
+        if key not in raw:
+            raise ConfigError(f"{key}: required when a sync section is present")
+    supervise = sync.get("supervise", True)
+    if not isinstance(supervise, bool):
+        raise ConfigError(f"sync.supervise: expected bool, got {supervise!r}")
+    values = {k: v for k, v in sync.items() if k not in _NODE_SYNC_ONLY}
+    values["node_id"], values["cluster_id"] = raw["node_id"], raw["cluster_id"]
+    if cluster is not None:
+        values["cluster"] = cluster
+    control = raw.get("control_socket")
+    if control is not None and not isinstance(control, str):
+        raise ConfigError(f"control_socket: expected str, got {control!r}")
+    try:
+        config = syncd_config_from_mapping(values, base_dir)
+    except ConfigError as e:
+        text = str(e)
+        top = text.startswith(("node_id", "cluster_id", "cluster"))
+        raise ConfigError(text if top else f"sync.{text}") from None
+    if control:
+        return replace(config, filter_control_socket=_path(base_dir, control))
+    return config
 
 
 def syncd_config_from_mapping(raw: Mapping[str, Any], base_dir: str = ".") -> SyncdConfig:
@@ -225,6 +342,17 @@ def syncd_config_from_mapping(raw: Mapping[str, Any], base_dir: str = ".") -> Sy
         values["tls"] = _tls(values["tls"], base_dir)
     values["session"] = _sub("session", values.get("session", {}), SessionConfig, cluster_id)
     values["store"] = _sub("store", values.get("store", {}), ReplicaConfig, None)
+    values["anti_entropy"] = _anti_entropy(values.get("anti_entropy", {}))
+    values["beacons"] = _beacons(values.get("beacons", {}), base_dir)
+    if "metrics" in values:
+        from syncd.metrics import metrics_config  # late: metrics imports the daemon's parts
+
+        values["metrics"] = metrics_config(values["metrics"])
+    if "cluster" in values:
+        try:
+            values["cluster"] = agent_config_from_mapping(values["cluster"])
+        except BadInput as e:
+            raise ConfigError(f"cluster.{e}") from None
     return SyncdConfig(**values)
 
 
@@ -282,9 +410,52 @@ def _sub(section: str, raw: dict[str, Any], cls: type[Any], cluster_id: str | No
         raise ConfigError(f"{section}: {e}") from None
 
 
+def _anti_entropy(raw: dict[str, Any]) -> AntiEntropyConfig:
+    types = {f.name: _field_type(f.type) for f in fields(AntiEntropyConfig)}
+    values = _known("anti_entropy", raw, set(types))
+    if values.get("digest_max_age") is None:
+        values.pop("digest_max_age", None)  # null: interval / 2
+    values = _typed("anti_entropy", values, types)
+    try:
+        return AntiEntropyConfig(**values)
+    except ConfigError as e:
+        raise ConfigError(f"anti_entropy: {e}") from None
+
+
+def _beacons(raw: dict[str, Any], base_dir: str) -> BeaconsConfig:
+    types = {"enabled": bool, "interval": float, "key_file": str}
+    values = _typed("beacons", _known("beacons", raw, set(types)), types)
+    if "key_file" in values:
+        values["key_file"] = _path(base_dir, values["key_file"])
+    try:
+        return BeaconsConfig(**values)
+    except ConfigError as e:
+        raise ConfigError(f"beacons: {e}") from None
+
+
+def load_beacon_key(path: str) -> bytes:
+    """The cluster's beacon key from ``path`` (64 hex digits); ConfigError naming it."""
+    try:
+        with open(path, encoding="ascii") as f:
+            text = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(
+            f"beacons: cannot read key {path}: {getattr(e, 'strerror', None) or e} "
+            "(`stockade certs init` writes beacon.key beside ca.pem)"
+        ) from None
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) != BEACON_KEY_BYTES:
+        raise ConfigError(f"beacons: key {path} must hold {BEACON_KEY_BYTES * 2} hex digits")
+    return key
+
+
 def _field_type(annotation: object) -> type:
     # The dataclasses use `from __future__ import annotations`: types are strings.
-    return {"int": int, "float": float, "str": str, "bool": bool}[str(annotation)]
+    text = str(annotation).removesuffix(" | None")
+    return {"int": int, "float": float, "str": str, "bool": bool}[text]
 
 
 # --- state files ---------------------------------------------------------------------

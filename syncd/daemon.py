@@ -5,12 +5,14 @@ a snapshot of it, or they would sweep away its live flows):
 
 1. bump the epoch counter in ``state_dir`` (every start gets a higher one);
 2. bind the gRPC server (Exchange refused with UNAVAILABLE until step 5,
-   Snapshot served at once), the local socket and the control socket;
+   Snapshot served at once) and the control socket;
 3. pull this node's own flows back from every peer (``Snapshot`` with
-   origin = ourselves, all peers at once, within ``recovery_timeout``); a
-   filter that connects meanwhile may already send its own flows;
-4. open one channel per peer and start a dialer for each peer with a higher
-   node id;
+   origin = ourselves, all peers at once, within ``recovery_timeout``);
+4. bind the local socket: only now may the filter connect, so the table it
+   restores holds the own flows just recovered (a filter that restarted with
+   the node would otherwise miss them, and drop them once the node takes
+   its VIPs back); open one channel per peer and start a dialer for each
+   peer with a higher node id;
 5. accept Exchange streams and print ``stockade syncd <id> ready listen=<addr>``.
 
 SIGTERM/SIGINT stop it cleanly.  Logs are one line each on stderr, naming
@@ -33,24 +35,37 @@ import contextlib
 import hashlib
 import logging
 import signal
+import socket
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, Final, TextIO
+from typing import TYPE_CHECKING, Any, Final, TextIO
 
 import grpc
 
 from syncd._pb.stockade.sync.v1 import sync_pb2 as pb
+from syncd.aerun import AntiEntropy
+from syncd.beacon_io import BeaconService
 from syncd.client import Dialer, make_channel, pull_origin
-from syncd.config import PeerConfig, SyncdConfig, bump_epoch
+from syncd.config import (
+    PeerConfig,
+    SyncdConfig,
+    bump_epoch,
+    is_ip_literal,
+    load_beacon_key,
+    split_address,
+)
 from syncd.errors import ConfigError, SyncError
 from syncd.local import LocalDeltas, LocalServer
-from syncd.peers import LocalOrigin, PeerLink
+from syncd.peers import LocalOrigin, PeerLink, tune_gc
 from syncd.records import FlowRecord, record_to_pb
 from syncd.replica import Change, ReplicaStore
 from syncd.service import StateSyncService, dials, make_server
 from syncd.session import State
 from syncd.tls import TlsMaterial, load_material, server_credentials, server_options
+
+if TYPE_CHECKING:
+    from syncd.agent_glue import ClusterAgent
 
 log = logging.getLogger("syncd.daemon")
 
@@ -59,14 +74,27 @@ _EXPIRE_EVERY: Final = 1.0  # seconds between store expiry checks at most
 # The event loop is probed this often; how late the probe wakes is the lag
 # every stream suffers (a lag near suspect_after makes peers suspect us).
 _LAG_PROBE: Final = 0.05
+# Without a cluster agent (static peers), beacons stop this long after the
+# event loop last ran: the agent's own default stall limit (lease TTL / 2).
+_ALIVE_WITHIN: Final = 0.5
 
 
 class SyncNode:
     """One node's syncd: store, own origin, peer links, servers."""
 
-    def __init__(self, config: SyncdConfig, epoch: int, material: TlsMaterial | None) -> None:
+    def __init__(
+        self,
+        config: SyncdConfig,
+        epoch: int,
+        material: TlsMaterial | None,
+        beacon_key: bytes | None = None,
+    ) -> None:
         self.config = config
         self.material = material
+        self.beacon_key = beacon_key
+        self.beacons: BeaconService | None = None  # started with the gRPC server
+        self._beacon_addrs: dict[str, tuple[str, int]] = {}  # peer -> resolved UDP address
+        self._resolving: dict[str, asyncio.Task[None]] = {}  # host-name peers being resolved
         self.store = ReplicaStore(config.store)
         self.origin = LocalOrigin(config.node_id, epoch, self.store)
         self.links: dict[str, PeerLink] = {}
@@ -87,6 +115,13 @@ class SyncNode:
         self._tasks: list[asyncio.Task[None]] = []
         self._lag_max = 0.0
         self._lag_over_100ms = 0
+        # H2: anti-entropy (syncd/aerun.py): answers peers' rounds, runs ours.
+        self.anti_entropy = AntiEntropy(
+            config.node_id, self.store, lambda: self.origin.clock.last, self.links,
+            self._channels, self.replica_changes, config.anti_entropy,
+        )  # fmt: skip
+        self.service.anti_entropy = self.anti_entropy
+        self.agent: ClusterAgent | None = None  # set by _serve when configured
 
     # --- life cycle ---------------------------------------------------------------
 
@@ -104,16 +139,42 @@ class SyncNode:
         if not port:
             raise ConfigError(f"listen {cfg.listen}: cannot bind")
         await self._server.start()
-        await self.local.start()
+        if cfg.beacons.enabled:
+            self._start_beacons(port)
         self._tasks.append(asyncio.create_task(self._expire_loop()))
         self._tasks.append(asyncio.create_task(self._lag_loop()))
-        self.set_peers(cfg.peers)
+        self._tasks.append(asyncio.create_task(self.anti_entropy.run()))  # H2
+        # With a cluster agent the peers come from etcd (set before start).
+        peers = cfg.peers if cfg.cluster is None else tuple(self.peers.values())
+        self.set_peers(peers)
         await self._recover()
+        # Only now the filter may connect: its first reconcile round must see
+        # the own flows just pulled back from the peers.  Served earlier, a
+        # restarted node's filter restored a table without them, and when the
+        # node took its VIPs back those flows were dropped as unknown.
+        await self.local.start()
         self._recovering = False
         self._ready_at = time.monotonic()
-        self.set_peers(cfg.peers)  # now starts the dialers
+        self.set_peers(peers if cfg.cluster is None else tuple(self.peers.values()))
+
+    def _start_beacons(self, port: int) -> None:
+        """UDP beacons on the listen address and the port gRPC got (syncd.beacon_io)."""
+        cfg = self.config
+        host, _ = split_address("listen", cfg.listen, ip_only=True)
+        # A loop stalled this long fences its own node: stop vouching for it then.
+        alive_within = cfg.cluster.stall_limit if cfg.cluster is not None else _ALIVE_WITHIN
+        self.beacons = BeaconService(
+            cluster_id=cfg.cluster_id, node_id=cfg.node_id, epoch=self.origin.epoch,
+            bind=(host, port), key=self.beacon_key, interval=cfg.beacons.interval,
+            alive_within=alive_within,
+        )  # fmt: skip
+        self.beacons.start()
 
     async def stop(self) -> None:
+        if self.beacons is not None:
+            self.beacons.stop()
+        for task in list(self._resolving.values()):
+            task.cancel()
         for link in self.links.values():
             link.stop("shutting down")
         for _, task in self._dialers.values():
@@ -174,6 +235,45 @@ class SyncNode:
             self.peers[peer] = pc
             if not self._recovering and dials(self.config.node_id, peer):
                 self._start_dialer(peer)
+        self._beacon_peers()
+
+    def _beacon_peers(self) -> None:
+        """Point the beacons at the peers' sync addresses (UDP, same port as gRPC).
+
+        Member records carry IP literals; a static peer given by host name is
+        resolved off the loop and added when the answer comes.
+        """
+        if self.beacons is None:
+            return
+        wanted: dict[str, tuple[str, int]] = {}
+        for peer, pc in self.peers.items():
+            host, port = split_address(f"peers.{peer}.address", pc.address)
+            if is_ip_literal(host):
+                wanted[peer] = (host, port)
+            elif (resolved := self._beacon_addrs.get(peer)) is not None:
+                wanted[peer] = resolved
+            elif peer not in self._resolving:
+                task = asyncio.get_running_loop().create_task(
+                    self._resolve_beacon_peer(peer, host, port)
+                )
+                self._resolving[peer] = task  # a reference, or the task may be collected
+        self.beacons.set_peers(wanted)
+
+    async def _resolve_beacon_peer(self, peer: str, host: str, port: int) -> None:
+        try:
+            await self._resolve_into(peer, host, port)
+        finally:
+            self._resolving.pop(peer, None)
+
+    async def _resolve_into(self, peer: str, host: str, port: int) -> None:
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        except OSError as e:
+            log.warning("beacons: cannot resolve %s (%s): %s", host, peer, e)
+            return
+        if peer in self.peers and infos:
+            self._beacon_addrs[peer] = (str(infos[0][4][0]), port)
+            self._beacon_peers()
 
     def _start_dialer(self, peer: str) -> None:
         if peer in self._dialers:
@@ -190,6 +290,7 @@ class SyncNode:
             asyncio.get_running_loop().create_task(channel.close())
 
     def _drop_peer(self, peer: str, now: float) -> None:
+        self._beacon_addrs.pop(peer, None)
         self._drop_dialer(peer)
         link = self.links.pop(peer)
         link.stop("left the membership")
@@ -246,6 +347,8 @@ class SyncNode:
             before = loop.time()
             await asyncio.sleep(_LAG_PROBE)
             lag = loop.time() - before - _LAG_PROBE
+            if self.beacons is not None:
+                self.beacons.loop_alive(time.monotonic())  # the loop runs: keep vouching
             self._lag_max = max(self._lag_max, lag)
             if lag > 0.1:
                 self._lag_over_100ms += 1
@@ -277,7 +380,14 @@ class SyncNode:
             "service": self.service.statistics(),
             "local": self.local.statistics(),
             "loop": {"lag_max_seconds": self._lag_max, "lags_over_100ms": self._lag_over_100ms},
+            "anti_entropy": self.anti_entropy.statistics(),  # H2
+            "beacons": self.beacons.statistics() if self.beacons is not None else None,
         }
+
+    @property
+    def loop_lag_max(self) -> float:
+        """Longest event-loop stall seen since start, seconds (the lag probe's)."""
+        return self._lag_max
 
     def flows(self, origin: str | None, limit: int) -> dict[str, Any]:
         records: list[dict[str, Any]] = []
@@ -315,7 +425,17 @@ class SyncNode:
             if origin is not None and not isinstance(origin, str):
                 return {"ok": False, "error": "origin must be a node id"}
             return self.flows(origin, limit)
-        return {"ok": False, "error": f"unknown command {cmd!r} (ping, stats, flows, digest)"}
+        if cmd in ("status", "drain"):
+            if self.agent is None:
+                return {
+                    "ok": False,
+                    "error": "no cluster agent (no cluster section)",
+                }
+            return self.agent.control(cmd)
+        return {
+            "ok": False,
+            "error": f"unknown command {cmd!r} (ping, stats, flows, digest, status, drain)",
+        }
 
 
 def _record_json(record: FlowRecord) -> dict[str, Any]:
@@ -343,8 +463,10 @@ def configure_logging(node_id: str, stream: TextIO | None = None) -> None:
 
 
 async def _serve(node: SyncNode, out: TextIO) -> int:
+    from cluster.errors import ClusterError
     from node.control import ControlServer  # the node package's JSON-lines server
     from node.errors import NodeError
+    from syncd.agent_glue import ClusterAgent
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -352,9 +474,18 @@ async def _serve(node: SyncNode, out: TextIO) -> int:
         loop.add_signal_handler(sig, stop.set)
     cfg = node.config
     control = ControlServer(cfg.control_socket, node.handle) if cfg.control_socket else None
+    agent = ClusterAgent(node) if cfg.cluster is not None else None
+    node.agent = agent
+    metrics = None
     try:
         if control is not None:
             await control.start()
+        if cfg.metrics is not None:  # first: a scrape during a long recovery shows its progress
+            from syncd.metrics import start_metrics
+
+            metrics = await start_metrics(node, cfg.metrics, agent.collector() if agent else None)
+        if agent is not None:
+            await agent.start()  # registers; peers from etcd before recovery
         await node.start()
         log.info("started: epoch %d, %d peers, tls %s, local %s", node.origin.epoch,
                  len(node.peers), "on" if node.material else "OFF", cfg.local_socket)  # fmt: skip
@@ -362,11 +493,15 @@ async def _serve(node: SyncNode, out: TextIO) -> int:
         await stop.wait()
         log.info("stopping")
         return 0
-    except (SyncError, NodeError) as e:
+    except (SyncError, NodeError, ClusterError) as e:
         log.error("cannot start: %s", e)
         return 1
     finally:
+        if agent is not None:
+            await agent.stop()
         await node.stop()
+        if metrics is not None:
+            await metrics.close()
         if control is not None:
             await control.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -383,10 +518,13 @@ def run_syncd(config: SyncdConfig, out: TextIO | None = None) -> int:
             if config.tls is None
             else load_material(config.tls, config.cluster_id, config.node_id)
         )
+        key_file = config.beacon_key_file if config.beacons.enabled else None
+        beacon_key = load_beacon_key(key_file) if key_file is not None else None
     except ConfigError as e:
         log.error("cannot start: %s", e)
         return 2
-    node = SyncNode(config, epoch, material)
+    node = SyncNode(config, epoch, material, beacon_key)
+    tune_gc()  # H2 (syncd/peers.py): fewer collector passes per delta
     try:
         return asyncio.run(_serve(node, out or sys.stdout))
     finally:

@@ -55,7 +55,7 @@ from google.protobuf.message import DecodeError
 from syncd._pb.stockade.sync.v1 import local_pb2 as lpb
 from syncd._pb.stockade.sync.v1 import sync_pb2 as pb
 from syncd.errors import BadMessage, ConfigError
-from syncd.records import FlowRecord, Op, record_from_pb, record_to_pb
+from syncd.records import FlowRecord, Op, field_bytes, record_from_pb, record_wire, varint
 from syncd.replica import Change, ChangeKind
 
 log = logging.getLogger("syncd.local")
@@ -109,6 +109,7 @@ class FrameDecoder:
                 frame = lpb.LocalFrame.FromString(bytes(buf[offset + _HEADER.size : end]))
             except DecodeError as e:
                 raise BadMessage("bad-frame", f"does not parse: {e}") from None
+            frame.DiscardUnknownFields()  # records keep their encoding (FlowRecord.body)
             frames.append(frame)
             offset = end
         del buf[:offset]
@@ -129,15 +130,43 @@ def deltas_from_batch(deltas: Iterable[lpb.LocalDelta], node_id: str) -> LocalDe
     return out
 
 
-def replica_batch(changes: Sequence[Change]) -> lpb.LocalFrame:
-    updates = [
-        lpb.ReplicaUpdate(
-            op=pb.OP_DELETE if c.kind is ChangeKind.REMOVE else pb.OP_UPDATE,
-            record=record_to_pb(c.record),
-        )
+# ReplicaUpdate op field (1) by change kind: REMOVE -> DELETE, UPSERT -> UPDATE.
+_UPDATE_OP: Final = {
+    ChangeKind.REMOVE: b"\x08" + varint(pb.OP_DELETE),
+    ChangeKind.UPSERT: b"\x08" + varint(pb.OP_UPDATE),
+}
+
+
+def replica_batch_bytes(changes: Sequence[Change]) -> bytes:
+    """A serialized LocalFrame{replicas} of ``changes``, assembled from the records' wire forms.
+
+    LocalFrame.replicas (3) > ReplicaBatch.updates (1) > ReplicaUpdate{op (1), record (2)}.
+    """
+    updates = b"".join([
+        field_bytes(b"\x0a", _UPDATE_OP[c.kind] + field_bytes(b"\x12", record_wire(c.record)))
         for c in changes
-    ]
-    return lpb.LocalFrame(replicas=lpb.ReplicaBatch(updates=updates))
+    ])  # fmt: skip
+    return field_bytes(b"\x1a", updates)
+
+
+def replica_batch(changes: Sequence[Change]) -> lpb.LocalFrame:
+    return lpb.LocalFrame.FromString(replica_batch_bytes(changes))
+
+
+def table_chunk_bytes(request_id: int, records: Sequence[FlowRecord], last: bool) -> bytes:
+    """A serialized LocalFrame{table_chunk}: request_id (1), records (2), last (3)."""
+    chunk = b"\x08" + varint(request_id) if request_id else b""
+    chunk += b"".join([field_bytes(b"\x12", record_wire(r)) for r in records])
+    if last:
+        chunk += b"\x18\x01"
+    return field_bytes(b"\x2a", chunk)
+
+
+def frame_bytes(body: bytes, max_frame: int = MAX_FRAME) -> bytes:
+    """A serialized LocalFrame with its length prefix (:func:`encode_frame` for bytes)."""
+    if len(body) > max_frame:
+        raise BadMessage("oversized-frame", f"{len(body)} bytes > {max_frame}")
+    return _HEADER.pack(len(body)) + body
 
 
 def _check_hello(hello: lpb.LocalHello, node_id: str) -> None:
@@ -324,7 +353,7 @@ class LocalServer:
                 await self._send_table(conn, request_id, records)
             while conn.queue and not conn.closed and conn.table is None:
                 batch = [conn.queue.popleft() for _ in range(min(PAGE_RECORDS, len(conn.queue)))]
-                conn.writer.write(encode_frame(replica_batch(batch)))
+                conn.writer.write(frame_bytes(replica_batch_bytes(batch)))
                 self._counts["replica_updates"] += len(batch)
                 await conn.writer.drain()
                 await asyncio.sleep(0)  # drain returns at once below its high-water mark
@@ -332,12 +361,8 @@ class LocalServer:
     async def _send_table(self, conn: _Conn, request_id: int, records: list[FlowRecord]) -> None:
         for start in range(0, max(len(records), 1), PAGE_RECORDS):
             page = records[start : start + PAGE_RECORDS]
-            chunk = lpb.TableChunk(
-                request_id=request_id,
-                records=[record_to_pb(r) for r in page],
-                last=start + PAGE_RECORDS >= len(records),
-            )
-            conn.writer.write(encode_frame(lpb.LocalFrame(table_chunk=chunk)))
+            last = start + PAGE_RECORDS >= len(records)
+            conn.writer.write(frame_bytes(table_chunk_bytes(request_id, page, last)))
             self._counts["table_records"] += len(page)
             await conn.writer.drain()
             await asyncio.sleep(0)
@@ -363,6 +388,16 @@ class LocalServer:
         )
 
 
+def _remove_stale(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass  # removed meanwhile
+    except OSError as e:
+        # Seen on overlay filesystems after a crash (ENOTDIR on a dead socket).
+        raise ConfigError(f"{path}: cannot remove the stale socket: {e.strerror}") from None
+
+
 def bind_unix_socket(path: str) -> socket.socket:
     """A listening-ready unix socket at ``path``, born 0600; a dead one's file is replaced.
 
@@ -377,7 +412,7 @@ def bind_unix_socket(path: str) -> socket.socket:
             probe.settimeout(0.5)
             probe.connect(path)
         except OSError:
-            os.unlink(path)  # nobody answers: left behind by a process that died
+            _remove_stale(path)  # nobody answers: left behind by a process that died
         else:
             raise ConfigError(f"{path}: another process is serving it")
         finally:

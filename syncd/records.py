@@ -25,7 +25,8 @@ the node's epoch so a restarted node never reuses its old versions.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+import struct
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Final
 
@@ -43,8 +44,15 @@ __all__ = [
     "check_node_id",
     "delta_from_pb",
     "delta_to_pb",
+    "delta_wire",
+    "field_bytes",
+    "record_body",
     "record_from_pb",
     "record_to_pb",
+    "record_wire",
+    "trusted_delta",
+    "varint",
+    "with_version",
 ]
 
 # Flow keys are a few dozen bytes (FlowKey.to_bytes()); the bound stops a
@@ -91,6 +99,10 @@ class FlowRecord:
     timeout: float  # seconds left before idle expiry, as the origin saw it when sending
     origin: str  # node id of the flow's owner
     version: int  # 1..2**63-1; higher (version, origin) wins per key
+    # Cache: the record serialized as a pb.FlowRecord *without* its version
+    # (see record_wire).  Not part of the value (compare=False) and not an
+    # __init__ argument, so dataclasses.replace() never copies a stale one.
+    body: bytes = field(default=b"", init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         problem = _record_problem(self)
@@ -144,6 +156,11 @@ class Delta:
     origin: str  # node that made the change (equals record.origin)
     seq: int  # position in the origin's stream for its current epoch, from 1
     record: FlowRecord  # the flow after the change (DELETE: as deleted, new version)
+    # The origin's wall clock (unix seconds) when it took the change, 0 =
+    # unknown: only for the sync lag metric, never for ordering.
+    created: float = field(default=0.0, compare=False)
+    # Cache: the serialized pb.Delta (see delta_wire); not part of the value.
+    wire: bytes = field(default=b"", init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.op, Op):
@@ -206,40 +223,59 @@ def record_to_pb(record: FlowRecord) -> pb.FlowRecord:
 
 
 def record_from_pb(msg: pb.FlowRecord) -> FlowRecord:
-    """Validate and convert; :class:`BadMessage` (reason ``bad-record``) if invalid."""
-    size = _ADDR_BYTES.get(msg.family)
+    """Validate and convert; :class:`BadMessage` (reason ``bad-record``) if invalid.
+
+    The hot path of every received delta and snapshot record: the checks are
+    those of :func:`_record_problem` (the single definition of a valid
+    record; ``tests/unit/test_syncd_records.py`` holds the two to the same
+    answers), done on the protobuf fields, whose types already bound most
+    ranges, and the record is built without validating it twice.  The
+    record's ``body`` cache is filled from ``msg`` (unknown fields included:
+    callers parse peers' messages with them discarded).
+    """
+    family = msg.family
+    size = _ADDR_BYTES.get(family)
     if size is None:
-        raise BadMessage("bad-record", f"family must be 4 or 6, not {msg.family}")
-    if len(msg.orig_src) != size or len(msg.orig_dst) != size:
-        raise BadMessage("bad-record", f"IPv{msg.family} addresses must be {size} bytes")
-    try:
-        # The constructor's validation is the single definition of a valid
-        # record; here its Misuse means the *peer* sent bad values.
-        return FlowRecord(
-            key=bytes(msg.key),
-            proto=msg.proto,
-            family=msg.family,
-            orig_src=int.from_bytes(msg.orig_src, "big"),
-            orig_sport=msg.orig_sport,
-            orig_dst=int.from_bytes(msg.orig_dst, "big"),
-            orig_dport=msg.orig_dport,
-            state=msg.state,
-            assured=msg.assured,
-            timeout=msg.timeout,
-            origin=msg.origin,
-            version=msg.version,
-        )
-    except Misuse as exc:
-        raise BadMessage("bad-record", str(exc)) from None
+        raise BadMessage("bad-record", f"family must be 4 or 6, not {family}")
+    src = msg.orig_src
+    dst = msg.orig_dst
+    if len(src) != size or len(dst) != size:
+        raise BadMessage("bad-record", f"IPv{family} addresses must be {size} bytes")
+    key = msg.key
+    if not 1 <= len(key) <= MAX_KEY_LEN:
+        raise BadMessage("bad-record", f"invalid FlowRecord: key must be 1..{MAX_KEY_LEN} bytes")
+    proto, sport, dport = msg.proto, msg.orig_sport, msg.orig_dport
+    if proto > 255 or sport > 65535 or dport > 65535:
+        raise BadMessage("bad-record", "invalid FlowRecord: proto or ports out of range")
+    state = msg.state
+    if state not in _GOOD_STATES:
+        if not _STATE.match(state):
+            raise BadMessage("bad-record", f"invalid FlowRecord: state {state[:40]!r}")
+        _remember(_GOOD_STATES, state)
+    timeout = msg.timeout
+    if not 0 <= timeout <= MAX_TIMEOUT:  # NaN fails too
+        raise BadMessage("bad-record", f"invalid FlowRecord: timeout {timeout!r}")
+    origin = msg.origin
+    if origin not in _GOOD_NODES:
+        if not check_node_id(origin):
+            raise BadMessage("bad-record", f"invalid FlowRecord: origin {origin[:40]!r}")
+        _remember(_GOOD_NODES, origin)
+    version = msg.version
+    if not 1 <= version <= MAX_U63:
+        raise BadMessage("bad-record", f"invalid FlowRecord: version {version}")
+    msg.version = 0
+    body = msg.SerializeToString()
+    msg.version = version
+    # fmt: off
+    return _trusted_record(
+        key, proto, family, int.from_bytes(src, "big"), sport, int.from_bytes(dst, "big"),
+        dport, state, msg.assured, timeout, origin, version, body,
+    )
+    # fmt: on
 
 
 def delta_to_pb(delta: Delta) -> pb.Delta:
-    return pb.Delta(
-        op=_OP_TO_PB[delta.op],
-        origin=delta.origin,
-        seq=delta.seq,
-        record=record_to_pb(delta.record),
-    )
+    return pb.Delta.FromString(delta_wire(delta))
 
 
 def delta_from_pb(msg: pb.Delta) -> Delta:
@@ -250,8 +286,148 @@ def delta_from_pb(msg: pb.Delta) -> Delta:
     if not msg.HasField("record"):
         raise BadMessage("bad-delta", "delta without a record")
     record = record_from_pb(msg.record)
-    if msg.origin != record.origin:
-        raise BadMessage("bad-delta", f"delta origin {msg.origin!r} != record origin")
-    if not 1 <= msg.seq <= MAX_U63:
-        raise BadMessage("bad-delta", f"seq {msg.seq} out of range")
-    return Delta(op, msg.origin, msg.seq, record)
+    origin = msg.origin
+    if origin != record.origin:
+        raise BadMessage("bad-delta", f"delta origin {origin[:40]!r} != record origin")
+    seq = msg.seq
+    if not 1 <= seq <= MAX_U63:
+        raise BadMessage("bad-delta", f"seq {seq} out of range")
+    created = msg.created
+    if not 0 <= created <= MAX_CREATED:  # NaN fails too
+        raise BadMessage("bad-delta", f"created {created!r} out of range")
+    return trusted_delta(op, origin, seq, record, created)
+
+
+# --- serialized forms, built once and shared -------------------------------------------
+#
+# Every delta goes to every peer, and every record a peer sends is forwarded
+# to the filter: building protobuf objects field by field for each of them
+# cost more than everything else syncd does per delta.  Instead a record
+# carries its serialized form without the version (``FlowRecord.body``), and
+# the messages around it are assembled from bytes: protobuf's wire format is
+# a concatenation of (tag, value) pairs in any order, so appending the
+# version field to the body is a valid encoding of the whole record.
+
+MAX_CREATED: Final = 1e11  # unix seconds (year 5138): a bound, not a check of the clock
+_DOUBLE: Final = struct.Struct("<d")
+_SMALL_VARINTS: Final = tuple(bytes((n,)) for n in range(128))
+# Validated states and node ids, so each is matched against its regex once.
+_GOOD_STATES: Final[set[str]] = set()
+_GOOD_NODES: Final[set[str]] = set()
+_MAX_REMEMBERED: Final = 4096  # a hostile peer cannot grow these without bound
+
+
+def _remember(cache: set[str], value: str) -> None:
+    if len(cache) < _MAX_REMEMBERED:
+        cache.add(value)
+
+
+def varint(n: int) -> bytes:
+    """Protobuf base-128 varint of a non-negative integer."""
+    if n < 0x80:
+        return _SMALL_VARINTS[n]
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def field_bytes(tag: bytes, value: bytes) -> bytes:
+    """A length-delimited field: ``tag`` (one byte: field << 3 | 2), length, value."""
+    return tag + varint(len(value)) + value
+
+
+def record_body(record: FlowRecord) -> bytes:
+    """The record serialized without its version field (cached on the record)."""
+    body = record.body
+    if not body:
+        msg = record_to_pb(record)
+        msg.version = 0
+        body = msg.SerializeToString()
+        _R_BODY(record, body)
+    return body
+
+
+def record_wire(record: FlowRecord) -> bytes:
+    """The serialized pb.FlowRecord."""
+    return record_body(record) + b"\x60" + varint(record.version)  # field 12, varint
+
+
+def delta_wire(delta: Delta) -> bytes:
+    """The serialized pb.Delta (cached on the delta: built once for every peer)."""
+    wire = delta.wire
+    if not wire:
+        origin = delta.origin.encode()
+        wire = (
+            b"\x08" + _SMALL_VARINTS[int(_OP_TO_PB[delta.op])]  # 1: op
+            + b"\x12" + _SMALL_VARINTS[len(origin)] + origin  # 2: origin (<= 31 bytes)
+            + b"\x18" + varint(delta.seq)  # 3: seq
+            + field_bytes(b"\x22", record_wire(delta.record))  # 4: record
+        )  # fmt: skip
+        if delta.created:
+            wire += b"\x29" + _DOUBLE.pack(delta.created)  # 5: created (fixed64)
+        _D_WIRE(delta, wire)
+    return wire
+
+
+def with_version(record: FlowRecord, version: int) -> FlowRecord:
+    """``record`` at another version (kept valid: the version is checked)."""
+    if not (_is_int(version) and 1 <= version <= MAX_U63):
+        raise Misuse(f"version must be 1..2**63-1, not {version!r}")
+    r = record
+    # fmt: off
+    return _trusted_record(
+        r.key, r.proto, r.family, r.orig_src, r.orig_sport, r.orig_dst, r.orig_dport,
+        r.state, r.assured, r.timeout, r.origin, version, r.body,
+    )
+    # fmt: on
+
+
+# Building a record from values already checked: the slot descriptors
+# directly, skipping __init__ and __post_init__ (five times cheaper).
+_new = object.__new__
+(_R_KEY, _R_PROTO, _R_FAMILY, _R_SRC, _R_SPORT, _R_DST, _R_DPORT, _R_STATE, _R_ASSURED,
+ _R_TIMEOUT, _R_ORIGIN, _R_VERSION, _R_BODY) = (
+    FlowRecord.__dict__[name].__set__
+    for name in ("key", "proto", "family", "orig_src", "orig_sport", "orig_dst", "orig_dport",
+                 "state", "assured", "timeout", "origin", "version", "body")
+)  # fmt: skip
+_D_OP, _D_ORIGIN, _D_SEQ, _D_RECORD, _D_CREATED, _D_WIRE = (
+    Delta.__dict__[name].__set__ for name in ("op", "origin", "seq", "record", "created", "wire")
+)
+
+
+def trusted_delta(op: Op, origin: str, seq: int, record: FlowRecord, created: float) -> Delta:
+    """A Delta from values the caller has checked (origin == record.origin, seq in range)."""
+    delta = _new(Delta)
+    _D_OP(delta, op)
+    _D_ORIGIN(delta, origin)
+    _D_SEQ(delta, seq)
+    _D_RECORD(delta, record)
+    _D_CREATED(delta, created)
+    _D_WIRE(delta, b"")
+    return delta
+
+
+def _trusted_record(
+    key: bytes, proto: int, family: int, orig_src: int, orig_sport: int, orig_dst: int,
+    orig_dport: int, state: str, assured: bool, timeout: float, origin: str, version: int,
+    body: bytes,
+) -> FlowRecord:  # fmt: skip
+    r = _new(FlowRecord)
+    _R_KEY(r, key)
+    _R_PROTO(r, proto)
+    _R_FAMILY(r, family)
+    _R_SRC(r, orig_src)
+    _R_SPORT(r, orig_sport)
+    _R_DST(r, orig_dst)
+    _R_DPORT(r, orig_dport)
+    _R_STATE(r, state)
+    _R_ASSURED(r, assured)
+    _R_TIMEOUT(r, timeout)
+    _R_ORIGIN(r, origin)
+    _R_VERSION(r, version)
+    _R_BODY(r, body)
+    return r

@@ -37,6 +37,8 @@ import grpc
 
 from syncd._pb.stockade.sync.v1 import sync_pb2 as pb
 from syncd._pb.stockade.sync.v1 import sync_pb2_grpc as rpc
+from syncd.aerun import AntiEntropy
+from syncd.errors import BadMessage
 from syncd.peers import EndReason, PeerLink
 from syncd.records import MAX_KEY_LEN, check_node_id
 from syncd.session import MAX_PAGE_RECORDS
@@ -125,6 +127,8 @@ class StateSyncService(rpc.StateSyncServicer):
         self._link = link
         self._ready = ready
         self._chunk = chunk
+        # Answers Digest/Repair (anti-entropy); None: those calls are UNIMPLEMENTED.
+        self.anti_entropy: AntiEntropy | None = None
         self._refused = Counter[str]()
         self._exchanges = 0
         self._snapshots = 0
@@ -195,6 +199,46 @@ class StateSyncService(rpc.StateSyncServicer):
                 break
             cursor = bytes(chunk.next_cursor)
         self._snapshots += 1
+
+    async def Digest(
+        self, request: pb.DigestRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.DigestReply:
+        await self._authenticate(context)
+        anti_entropy = await self._anti_entropy(context)
+        try:
+            reply = await anti_entropy.serve_digest(request)
+        except BadMessage as e:
+            await self._refuse(context, e.reason, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if reply is None:
+            await self._refuse(context, "syncing", grpc.StatusCode.UNAVAILABLE, "syncing")
+        return reply
+
+    async def Repair(
+        self, request: pb.RepairRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.RepairReply:
+        identity = await self._authenticate(context)
+        anti_entropy = await self._anti_entropy(context)
+        peer = request.node_id
+        if identity is not None and peer != identity.node_id:
+            detail = f"certificate names {identity.node_id}, request claims {peer[:40]!r}"
+            await self._refuse(
+                context, "identity-mismatch", grpc.StatusCode.PERMISSION_DENIED, detail
+            )
+        if not check_node_id(peer) or self._link(peer) is None:
+            await self._refuse(
+                context, "not-member", grpc.StatusCode.PERMISSION_DENIED, f"{peer[:40]!r}"
+            )
+        try:
+            return await anti_entropy.serve_repair(request, peer)
+        except BadMessage as e:
+            await self._refuse(context, e.reason, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+    async def _anti_entropy(self, context: grpc.aio.ServicerContext[Any, Any]) -> AntiEntropy:
+        if self.anti_entropy is None:
+            await self._refuse(
+                context, "no-anti-entropy", grpc.StatusCode.UNIMPLEMENTED, "not enabled here"
+            )
+        return self.anti_entropy
 
     async def _authenticate(
         self, context: grpc.aio.ServicerContext[Any, Any]

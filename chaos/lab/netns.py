@@ -100,7 +100,8 @@ def one_node_topology() -> TopologySpec:
     )
 
 
-def _run(argv: Sequence[str], check: bool = True, timeout: float = 20) -> str:
+def run(argv: Sequence[str], check: bool = True, timeout: float = 20) -> str:
+    """Run a command; its stdout, or :class:`LabError` (start failure, timeout, exit status)."""
     try:
         done = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as e:
@@ -111,7 +112,7 @@ def _run(argv: Sequence[str], check: bool = True, timeout: float = 20) -> str:
 
 
 def list_namespaces() -> list[str]:
-    out = _run(["ip", "netns", "list"], check=False)
+    out = run(["ip", "netns", "list"], check=False)
     return [line.split()[0] for line in out.splitlines() if line.strip()]
 
 
@@ -139,7 +140,7 @@ class NetnsLab:
 
     def _create(self) -> None:
         for host in self.spec.hosts:
-            _run(["ip", "netns", "add", self.ns(host)])
+            run(["ip", "netns", "add", self.ns(host)])
             self.sh(host, "ip link set lo up")
             # Fast DAD-free IPv6 so addresses work at once (RFC 4862 DAD
             # would hold them "tentative" for a second or more).
@@ -153,7 +154,7 @@ class NetnsLab:
                 self._sysctl(host, "net.ipv6.conf.all.forwarding", "1")
         for i, link in enumerate(self.spec.links):
             tmp_a, tmp_b = f"{self.prefix[:8]}a{i}", f"{self.prefix[:8]}b{i}"
-            _run(
+            run(
                 [
                     "ip",
                     "link",
@@ -209,7 +210,7 @@ class NetnsLab:
         return self.run(host, command.split(), check=check, timeout=timeout)
 
     def run(self, host: str, argv: Sequence[str], check: bool = True, timeout: float = 20) -> str:
-        return _run(["ip", "netns", "exec", self.ns(host), *argv], check=check, timeout=timeout)
+        return run(["ip", "netns", "exec", self.ns(host), *argv], check=check, timeout=timeout)
 
     def popen(self, host: str, argv: Sequence[str], **kwargs: object) -> subprocess.Popen[bytes]:
         """Start a process in ``host``; ``down`` (or :meth:`stop`) ends it by PID."""
@@ -242,12 +243,12 @@ class NetnsLab:
         for name in list_namespaces():
             if name.startswith(self.prefix + "-"):
                 self._kill_namespace_pids(name)
-                _run(["ip", "netns", "del", name], check=False)
+                run(["ip", "netns", "del", name], check=False)
 
     def _kill_namespace_pids(self, name: str) -> None:
         # Processes left in our own namespace by a crashed earlier run: found
         # by namespace, killed by PID (never a broad pattern kill).
-        pids = _run(["ip", "netns", "pids", name], check=False).split()
+        pids = run(["ip", "netns", "pids", name], check=False).split()
         for pid in pids:
             with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(pid), signal.SIGKILL)

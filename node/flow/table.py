@@ -155,6 +155,8 @@ _TCP_REASONS: Final = {
     TcpOutcome.INVALID_WINDOW: "tcp-out-of-window",
     TcpOutcome.INVALID_RST: "tcp-invalid-rst",
 }
+# Every INVALID reason TCP tracking of an existing flow can give.
+TCP_TRACKING_REASONS: Final = frozenset(_TCP_REASONS.values())
 
 # ICMP message types (RFC 792, RFC 4443) by role, per protocol number.
 _ICMP_ERRORS: Final = {ICMP: frozenset({3, 4, 5, 11, 12}), ICMPV6: frozenset({1, 2, 3, 4})}

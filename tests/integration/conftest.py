@@ -8,6 +8,7 @@ directory, waits for its ready line and always stops it at the end.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import shutil
@@ -23,7 +24,7 @@ import pytest
 import yaml
 
 from node.control import request
-from tests.integration.netns import Topology, netns_available
+from tests.integration.netns import AsymTopology, Topology, netns_available
 
 READY_TIMEOUT = 15.0
 
@@ -84,14 +85,19 @@ def topo() -> Iterator[Topology]:
 class NodeProcess:
     """A node running in the fw namespace, driven through signals and its control socket."""
 
-    def __init__(self, topo: Topology, workdir: str, config: dict[str, Any], rules: str) -> None:
+    def __init__(
+        self, topo: Topology, workdir: str, config: dict[str, Any], rules: str,
+        ns: str | None = None, node_id: str = "fw1",
+    ) -> None:  # fmt: skip
         self.topo = topo
+        self.ns = ns or topo.fw
+        self.node_id = node_id
         self.workdir = workdir
         self.rules_path = os.path.join(workdir, "rules.yaml")
         self.config_path = os.path.join(workdir, "node.yaml")
         self.socket = os.path.join(workdir, "ctl.sock")
         self.write_rules(rules)
-        full = {"node_id": "fw1", "rules": "rules.yaml", "control_socket": "ctl.sock", **config}
+        full = {"node_id": node_id, "rules": "rules.yaml", "control_socket": "ctl.sock", **config}
         with open(self.config_path, "w", encoding="utf-8") as f:
             yaml.safe_dump(full, f)
         self.proc: subprocess.Popen[str] | None = None
@@ -107,7 +113,7 @@ class NodeProcess:
         """Launch; with ``ready`` wait for the ready line (else the test waits)."""
         argv = [sys.executable, "-m", "node.cli", "node", "run", "--config", self.config_path]
         with open(self.stderr_path, "a", encoding="utf-8") as err:
-            self.proc = self.topo.popen(self.topo.fw, argv, stderr=err)
+            self.proc = self.topo.popen(self.ns, argv, stderr=err)
         if ready:
             self._wait_ready()
         return self
@@ -119,7 +125,7 @@ class NodeProcess:
             ready, _, _ = select.select([self.proc.stdout], [], [], 0.1)
             if ready:
                 line = self.proc.stdout.readline()
-                if line.startswith("stockade node fw1 ready"):
+                if line.startswith(f"stockade node {self.node_id} ready"):
                     return
                 if not line and self.proc.poll() is not None:
                     break
@@ -159,6 +165,25 @@ def start_node(topo: Topology) -> Iterator[Callable[..., NodeProcess]]:
 
     ``ready=False`` only launches it (for nodes expected to fail).
     """
+    with node_starter(topo) as start:
+        yield start
+
+
+@pytest.fixture
+def asym() -> Iterator[AsymTopology]:
+    with AsymTopology() as t:
+        yield t
+
+
+@pytest.fixture
+def start_asym_node(asym: AsymTopology) -> Iterator[Callable[..., NodeProcess]]:
+    """As ``start_node``, in the asymmetric topology (give ``ns`` and ``node_id``)."""
+    with node_starter(asym) as start:
+        yield start
+
+
+@contextlib.contextmanager
+def node_starter(topo: Topology) -> Iterator[Callable[..., NodeProcess]]:
     workdir = tempfile.mkdtemp(prefix="stk-node-")  # short: unix socket path limit
     nodes: list[NodeProcess] = []
 
@@ -167,11 +192,13 @@ def start_node(topo: Topology) -> Iterator[Callable[..., NodeProcess]]:
         rules: str = RULES,
         ready: bool = True,
         name: str = "a",
+        ns: str | None = None,
+        node_id: str = "fw1",
     ) -> NodeProcess:
         # Nodes of one name share a directory (config, rules, control socket),
         # as a restarted node does.
         os.makedirs(os.path.join(workdir, name), exist_ok=True)
-        node = NodeProcess(topo, os.path.join(workdir, name), config or {}, rules)
+        node = NodeProcess(topo, os.path.join(workdir, name), config or {}, rules, ns, node_id)
         nodes.append(node)
         return node.start(ready)
 

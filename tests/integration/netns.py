@@ -177,6 +177,69 @@ class Topology:
         self._created.clear()
 
 
+# Asymmetric pair: client -> server through fw1, server -> client through fw2.
+FW1_SYNC4, FW2_SYNC4 = "10.30.0.11", "10.30.0.12"
+
+
+class AsymTopology(Topology):
+    """client, fw1, fw2, server: every flow crosses fw1 one way and fw2 the other.
+
+        client eth1 10.10.1.2 --- cl0 10.10.1.1  fw1  sv0 10.10.2.1 --- eth1 10.10.2.2 server
+               eth2 10.10.3.2 --- cl0 10.10.3.1  fw2  sv0 10.10.4.1 --- eth2 10.10.4.2
+        fw1 sy0 10.30.0.11 --- fw2 sy0 10.30.0.12   (the syncd network)
+
+    The client routes 10.10.2.0/24 via fw1; the server routes 10.10.1.0/24
+    via fw2, which reaches the client's 10.10.1.2 through its eth2 (reverse
+    path filtering off everywhere: the client answers from the address on
+    its other interface).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        prefix = self.client[: -len("client")]
+        self.fw1, self.fw2 = prefix + "fw1", prefix + "fw2"
+        self.fw = self.fw1
+
+    def _build(self) -> None:
+        for ns in (self.client, self.fw1, self.fw2, self.server):
+            _run(["ip", "netns", "add", ns])
+            self._created.append(ns)
+            self.ip(ns, "link", "set", "lo", "up")
+            for conf in ("all", "default"):
+                self.exec(ns, ["sysctl", "-qw", f"net.ipv4.conf.{conf}.rp_filter=0"])
+        for fw in (self.fw1, self.fw2):
+            self.exec(fw, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+            # A firewall that sees one direction meets mid-stream TCP; with
+            # loose pickup the kernel creates a conntrack entry for it, and two
+            # such packets queued to the filter at once clash when the second
+            # is confirmed (insert_failed: the kernel drops it).  See
+            # docs/asymmetric.md.
+            self.exec(fw, ["modprobe", "nf_conntrack"], check=False)
+            self.exec(fw, ["sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_loose=0"])
+        links = (
+            (self.client, "eth1", CLIENT4, self.fw1, "cl0", FW_CLIENT4),
+            (self.client, "eth2", "10.10.3.2", self.fw2, "cl0", "10.10.3.1"),
+            (self.server, "eth1", SERVER4, self.fw1, "sv0", FW_SERVER4),
+            (self.server, "eth2", "10.10.4.2", self.fw2, "sv0", "10.10.4.1"),
+            (self.fw1, "sy0", FW1_SYNC4, self.fw2, "sy0", FW2_SYNC4),
+        )
+        for ns_a, dev_a, addr_a, ns_b, dev_b, addr_b in links:
+            _run(["ip", "link", "add", dev_a, "netns", ns_a, "type", "veth",
+                  "peer", "name", dev_b, "netns", ns_b])  # fmt: skip
+            for ns, dev, addr in ((ns_a, dev_a, addr_a), (ns_b, dev_b, addr_b)):
+                self.exec(ns, ["sysctl", "-qw", f"net.ipv4.conf.{dev}.rp_filter=0"])
+                self.ip(ns, "addr", "add", f"{addr}/24", "dev", dev)
+                self.ip(ns, "link", "set", dev, "up")
+        self.ip(self.client, "route", "add", "10.10.2.0/24", "via", FW_CLIENT4)
+        self.ip(self.server, "route", "add", "10.10.1.0/24", "via", "10.10.4.1")
+        self.ip(self.fw2, "route", "add", "10.10.1.0/24", "via", "10.10.3.2")
+        self.ip(self.fw2, "route", "add", "10.10.2.0/24", "via", "10.10.4.2")
+        for ns, addr in ((self.client, FW_CLIENT4), (self.client, "10.10.3.1"),
+                         (self.server, FW_SERVER4), (self.server, "10.10.4.1"),
+                         (self.fw1, FW2_SYNC4)):  # fmt: skip
+            self.exec(ns, ["ping", "-c", "1", "-W", "1", "-w", "5", addr])
+
+
 # -- traffic tools (run inside a namespace: python -m tests.integration.netns JOB ...) --
 
 
@@ -257,16 +320,21 @@ def tcp_receive(host: str, port: int, timeout: float) -> str:
     return f"bytes {total} {time.monotonic() - start:.3f}"
 
 
-def tcp_hold(host: str, port: int, count: int, rounds: int, pause: float) -> str:
+def tcp_hold(
+    host: str, port: int, count: int, rounds: int, pause: float, timeout: float = 3.0
+) -> str:
     """Open ``count`` echo connections, then echo on each ``rounds`` times.
 
     Prints ``open <n>`` after connecting; a test may act meanwhile (it reads
-    that line).  The final line is ``echoed <successful echoes>``.
+    that line).  The final line is ``echoed <successful echoes>``.  ``timeout``
+    bounds each echo after the first (a test that stops a node lets TCP
+    retransmit through the gap).
     """
     conns = [socket.create_connection((host, port), timeout=3) for _ in range(count)]
     for c in conns:
         c.sendall(b"a")
         c.recv(16)
+        c.settimeout(timeout)
     print(f"open {len(conns)}", flush=True)
     ok = 0
     for _ in range(rounds):
@@ -279,6 +347,33 @@ def tcp_hold(host: str, port: int, count: int, rounds: int, pause: float) -> str
             except OSError:
                 pass
     return f"echoed {ok}"
+
+
+def tcp_many(host: str, port: int, count: int, timeout: float) -> str:
+    """``count`` connections one after another: connect, echo 1000 bytes, close.
+
+    ``ok <n> failed <m> <seconds>``.
+    """
+    ok = failed = 0
+    payload = b"x" * 1000
+    start = time.monotonic()
+    for _ in range(count):
+        try:
+            with socket.create_connection((host, port), timeout=timeout) as s:
+                s.sendall(payload)
+                got = b""
+                while len(got) < len(payload):
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    got += chunk
+                s.shutdown(socket.SHUT_WR)
+                s.recv(16)  # the server's FIN
+            ok += got == payload
+            failed += got != payload
+        except OSError:
+            failed += 1
+    return f"ok {ok} failed {failed} {time.monotonic() - start:.3f}"
 
 
 def udp_echo_server(host: str, port: int) -> None:
@@ -336,7 +431,8 @@ def _main(argv: list[str]) -> int:
         "tcp-send": lambda: tcp_send_server(host, port, int(rest[0])),
         "tcp-connect": lambda: tcp_connect(host, port, rest[0]),
         "tcp-receive": lambda: tcp_receive(host, port, rest[0]),
-        "tcp-hold": lambda: tcp_hold(host, port, int(rest[0]), int(rest[1]), rest[2]),
+        "tcp-hold": lambda: tcp_hold(host, port, int(rest[0]), int(rest[1]), *rest[2:]),
+        "tcp-many": lambda: tcp_many(host, port, int(rest[0]), rest[1]),
         "udp-echo": lambda: udp_echo_server(host, port),
         "udp-sink": lambda: udp_sink(host, port, rest[0]),
         "udp-request": lambda: udp_request(host, port, rest[0], *(int(r) for r in rest[1:])),

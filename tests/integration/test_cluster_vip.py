@@ -208,3 +208,41 @@ def test_racing_claims_through_etcd_leave_one_holder_on_the_wire(
                 assert await relinquish(lm, lvm, vip, loser)
 
     run(scenario())
+
+
+@pytest.mark.slow
+def test_a_vip_that_is_not_renewed_expires_in_the_kernel(lab: NetnsLab) -> None:
+    """The dead-man switch for a frozen holder: the kernel drops an address
+    whose lifetime runs out, so only a running holder keeps its VIPs."""
+
+    async def scenario() -> None:
+        async with VipManager("eth0", lab.ns("a"), lifetime=2) as a:
+            assert await a.add(VIP4)
+            assert "valid_lft 2sec" in lab.sh("a", "ip -4 addr show dev eth0")
+            for _ in range(8):  # 4 s of renewals every 0.5 s: still there
+                await asyncio.sleep(0.5)
+                assert await a.refresh([VIP4]) == 1
+            assert await a.held() == frozenset({VIP4.split("/")[0]})
+            deadline = time.monotonic() + 5.0  # no renewal: gone within about 2-3 s
+            while await a.held() and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert await a.held() == frozenset(), "the expired VIP is still on the interface"
+            assert await a.refresh([VIP4]) == 0  # an expired VIP is never re-added
+
+    run(scenario())
+
+
+def test_a_renewal_racing_a_release_never_brings_the_vip_back(lab: NetnsLab) -> None:
+    """refresh() lists, then renews with RTM_NEWADDR; a remove() between the two
+    must not be undone (IPv4 re-creates a missing address on replace).  Seen
+    in chaos rules-push: a released VIP back on the old holder for its 2 s
+    lifetime while the new holder had it too."""
+
+    async def scenario() -> None:
+        async with VipManager("eth0", lab.ns("a"), lifetime=2) as a:
+            for _ in range(30):
+                assert await a.add(VIP4)
+                await asyncio.gather(a.refresh([VIP4]), a.remove(VIP4))
+                assert await a.held() == frozenset(), "a released VIP came back"
+
+    run(scenario())

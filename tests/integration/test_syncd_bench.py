@@ -24,13 +24,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import statistics
+import sys
 import time
+from multiprocessing.connection import Connection
 from typing import Any
 
 import pytest
 
+from syncd._pb.stockade.sync.v1 import local_pb2 as lpb
 from syncd._pb.stockade.sync.v1 import sync_pb2 as pb
+from syncd.local import encode_frame
+from syncd.records import record_to_pb
 from tests.integration.test_syncd_cluster import Cluster, Filter, record, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -42,10 +48,28 @@ def arrivals(f: Filter, origin: str) -> int:
     return sum(1 for _, u in f.updates if u.record.origin == origin)
 
 
-def throughput(c: Cluster, fa: Filter, fb: Filter, n: int, first: int) -> float:
-    start = time.monotonic()
+def create_frames(node: str, first: int, n: int) -> list[bytes]:
+    """LocalBatch frames of BATCH creates each, encoded ahead of the clock.
+
+    The scripted filter is Python too; encoding while the clock runs put its
+    cost (about 5 us per record, in a third process on the same two cores)
+    into a figure that is about syncd.
+    """
+    frames = []
     for i in range(first, first + n, BATCH):
-        c.create(fa, range(i, min(i + BATCH, first + n)))
+        deltas = [
+            lpb.LocalDelta(op=pb.OP_CREATE, record=record_to_pb(record(node, j)))
+            for j in range(i, min(i + BATCH, first + n))
+        ]
+        frames.append(encode_frame(lpb.LocalFrame(local=lpb.LocalBatch(deltas=deltas))))
+    return frames
+
+
+def throughput(c: Cluster, fa: Filter, fb: Filter, n: int, first: int) -> float:
+    frames = create_frames(fa.node_id, first, n)
+    start = time.monotonic()
+    for frame in frames:
+        fa.sock.sendall(frame)
     sent = time.monotonic() - start
     wait_for(lambda: arrivals(fb, "fwa") >= n, 120 + n / 1000, "all deltas at fwb's filter")
     took = time.monotonic() - start
@@ -54,19 +78,124 @@ def throughput(c: Cluster, fa: Filter, fb: Filter, n: int, first: int) -> float:
 
 
 def latency(fa: Filter, fb: Filter, rate: int, seconds: float, first: int) -> list[float]:
+    return latency_at(fa, [fb], rate, seconds, first)[0]
+
+
+def latency_at(
+    fa: Filter, receivers: list[Filter], rate: int, seconds: float, first: int
+) -> list[list[float]]:
+    """Paced creates at fwa's filter; per receiving filter, each one's latency (sorted)."""
     sent_at: dict[bytes, float] = {}
-    before = len(fb.updates)
+    before = [len(f.updates) for f in receivers]
     interval = 1.0 / rate
-    start = time.monotonic()
-    for i in range(int(rate * seconds)):
-        delay = start + i * interval - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        rec = record("fwa", first + i)
-        sent_at[rec.key] = time.monotonic()
-        fa.send([(pb.OP_CREATE, rec)])
-    wait_for(lambda: len(fb.updates) - before >= len(sent_at), 30, "paced deltas arrive")
-    return sorted(at - sent_at[u.record.key] for at, u in fb.updates[before:])
+    # The receiving threads stamp arrivals only once they hold the GIL: a
+    # short switch interval keeps the sender thread from delaying them.
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(0.0002)
+    try:
+        start = time.monotonic()
+        for i in range(int(rate * seconds)):
+            delay = start + i * interval - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            rec = record("fwa", first + i)
+            sent_at[rec.key] = time.monotonic()
+            fa.send([(pb.OP_CREATE, rec)])
+        for f, b in zip(receivers, before, strict=True):
+            wait_for(lambda f=f, b=b: len(f.updates) - b >= len(sent_at), 60, "paced deltas")
+    finally:
+        sys.setswitchinterval(switch)
+    return [
+        sorted(at - sent_at[u.record.key] for at, u in f.updates[b:])
+        for f, b in zip(receivers, before, strict=True)
+    ]
+
+
+def summary(lat: list[float]) -> dict[str, float]:
+    return {
+        "samples": len(lat),
+        "p50_ms": round(1000 * statistics.median(lat), 3),
+        "p99_ms": round(1000 * lat[int(0.99 * (len(lat) - 1))], 3),
+        "max_ms": round(1000 * lat[-1], 3),
+    }
+
+
+def _receive(path: str, node_id: str, conn: Connection) -> None:
+    """A receiving filter in its own process: reports (key, arrival) pairs when told to.
+
+    Own process, so its arrivals are stamped as they happen, not when a
+    thread of the sending process gets the GIL (CLOCK_MONOTONIC is shared).
+    """
+    f = Filter(path, node_id)
+    conn.send("ready")
+    conn.recv()  # stop
+    with f._cond:  # the harness's own lock
+        arrivals = [(u.record.key, at) for at, u in f.updates]
+    f.close()
+    conn.send(arrivals)
+
+
+def latency_run(nodes: int, rate: int, seconds: float, per_frame: int = 1) -> dict[str, Any]:
+    """Latency only: fwa's filter sends at ``rate``; measured at every other node's filter.
+
+    The sender pre-encodes frames of ``per_frame`` deltas (sent every
+    ``per_frame / rate`` seconds, as a filter that batches what arrived
+    meanwhile) and stamps each just before its send; each receiving filter
+    runs in its own process.
+    """
+    ids = ["fwa", "fwb", "fwc", "fwd", "fwe"][:nodes]
+    c = Cluster(ids, {"local_queue": 1 << 20})
+    ctx = multiprocessing.get_context("spawn")
+    procs: list[tuple[Any, Connection]] = []
+    try:
+        c.start()
+        fa = c.filter("fwa")
+        for n in ids[1:]:
+            mine, theirs = ctx.Pipe()
+            proc = ctx.Process(target=_receive, args=(c[n].local, n, theirs), daemon=True)
+            proc.start()
+            procs.append((proc, mine))
+            assert mine.poll(20) and mine.recv() == "ready"
+        for n in ids[1:]:
+            wait_for(lambda n=n: c["fwa"].stats()["peers"][n]["state"] == "live", 10, "link up")
+        count = int(rate * seconds)
+        recs = [record("fwa", i) for i in range(count)]
+        frames = [
+            encode_frame(lpb.LocalFrame(local=lpb.LocalBatch(deltas=[
+                lpb.LocalDelta(op=pb.OP_CREATE, record=record_to_pb(r))
+                for r in recs[i : i + per_frame]])))
+            for i in range(0, count, per_frame)
+        ]  # fmt: skip
+        sent_at = [0.0] * count
+        start = time.monotonic()
+        for n, frame in enumerate(frames):
+            first = n * per_frame
+            delay = start + (first + per_frame - 1) / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            now = time.monotonic()
+            sent_at[first : first + per_frame] = [now] * min(per_frame, count - first)
+            fa.sock.sendall(frame)
+        wanted = {r.key: i for i, r in enumerate(recs)}
+        for n in ids[1:]:
+            wait_for(lambda n=n: c[n].stats()["local"]["replica_updates"] >= count, 60, "all")
+        results: dict[str, Any] = {}
+        for n, (_, conn) in zip(ids[1:], procs, strict=True):
+            conn.send("stop")
+            arrivals = conn.recv()
+            lat = sorted(at - sent_at[wanted[k]] for k, at in arrivals if k in wanted)
+            assert len(lat) == count, f"{n}: {len(lat)} of {count} arrived"
+            results[f"syncd {n} (of {nodes})"] = summary(lat)
+        return results
+    except BaseException:
+        print(c.logs())
+        raise
+    finally:
+        for proc, _ in procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+        c.close()
 
 
 def resync(c: Cluster, total: int) -> dict[str, float]:
@@ -137,8 +266,30 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--resync", type=int, default=1_000_000)
+    parser.add_argument("--nodes", type=int, default=0, choices=range(2, 6),
+                        help="latency only, with this many nodes (fwa sends)")  # fmt: skip
+    parser.add_argument("--per-frame", type=int, default=1,
+                        help="with --nodes: deltas per local frame")  # fmt: skip
+    parser.add_argument("--baseline", choices=["conntrackd"],
+                        help="latency only: syncd (2 nodes), then conntrackd")  # fmt: skip
     args = parser.parse_args()
-    print(json.dumps(run(args.deltas, args.rate, args.seconds, args.resync), indent=2))
+    if args.baseline == "conntrackd":
+        from tests.integration import test_syncd_conntrackd as ct
+
+        reason = ct.available()
+        if reason is not None:
+            raise SystemExit(reason)
+        results = latency_run(2, args.rate, args.seconds)
+        with ct.conntrackd_pair() as pair:
+            results["conntrackd (FTFW, UDP)"] = ct.summary(pair.measure(args.rate, args.seconds))
+        results["rate"] = args.rate
+    elif args.nodes:
+        results = latency_run(args.nodes, args.rate, args.seconds, args.per_frame)
+        results["deltas_per_frame"] = args.per_frame
+        results["rate"] = args.rate
+    else:
+        results = run(args.deltas, args.rate, args.seconds, args.resync)
+    print(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -328,6 +328,12 @@ def test_changes_at_every_node_reach_every_other_node(cluster: Cluster) -> None:
     assert {p: s["state"] for p, s in stats["peers"].items()} == {"fw1": "live", "fw3": "live"}
     assert stats["service"]["refused"] == {}
     assert sum(s["peer_errors"].get("bad-record", 0) for s in stats["peers"].values()) == 0
+    # Signed UDP beacons flow beside the streams (every 10 ms, key from certs init).
+    beacons = stats["beacons"]
+    assert beacons["running"] and beacons["sent"] > 50
+    heard = {p: b["received"] for p, b in beacons["beacons"]["peers"].items()}
+    assert set(heard) == {"fw1", "fw3"} and min(heard.values()) > 50, heard
+    assert not any(beacons["beacons"]["dropped"].values()), beacons
 
 
 def test_kill_and_restart_mid_stream_converges(cluster: Cluster) -> None:
@@ -371,6 +377,10 @@ def test_kill_and_restart_mid_stream_converges(cluster: Cluster) -> None:
     print(f"converged {took:.2f} s after the restart")
 
 
+def _beacons_from(cluster: Cluster, node: str, peer: str) -> int:
+    return int(cluster[node].stats()["beacons"]["beacons"]["peers"][peer]["received"])
+
+
 def test_frozen_peer_is_suspected_then_catches_up(cluster: Cluster) -> None:
     f1, f2, f3 = (cluster.filter(n) for n in ("fw1", "fw2", "fw3"))
     cluster.create(f3, range(100))
@@ -385,10 +395,13 @@ def test_frozen_peer_is_suspected_then_catches_up(cluster: Cluster) -> None:
             lambda: cluster["fw1"].stats()["peers"]["fw3"]["state"] != "live",
             5, "fw1 notices fw3 is frozen",
         )  # fmt: skip
+        frozen_count = _beacons_from(cluster, "fw1", "fw3")
         wait_for(lambda: cluster.converged(["fw1", "fw2"]), 10, "the others still converge")
         time.sleep(1.2)  # beyond dead_after: the streams to fw3 close and are redialed
+        assert _beacons_from(cluster, "fw1", "fw3") == frozen_count  # a frozen node is silent
     finally:
         cluster["fw3"].signal(signal.SIGCONT)
+    wait_for(lambda: _beacons_from(cluster, "fw1", "fw3") > frozen_count, 5, "fw3's beacons resume")
     wait_for(cluster.converged, 20, "fw3 catches up after SIGCONT")
     cluster.assert_same_content()
     peer = cluster["fw1"].stats()["peers"]["fw3"]

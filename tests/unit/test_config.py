@@ -74,3 +74,74 @@ def test_unreadable_and_malformed_files(tmp_path):
     listy.write_text("- 1\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_node_config(str(listy))
+
+
+SYNC = {
+    "insecure": True, "listen": "10.30.0.11:7400", "state_dir": "state",
+    "local_socket": "sync.sock", "peers": [{"node_id": "fw2", "address": "10.30.0.12:7400"}],
+}  # fmt: skip
+
+
+def test_sync_hold_and_cluster_id(tmp_path):
+    path = tmp_path / "fw1.yaml"
+    path.write_text(
+        "node_id: fw1\nrules: rules.yaml\ncluster_id: lab\n"
+        "hold: {timeout: 0.05, max_packets: 100, max_flows: 10}\n"
+        "sync: {insecure: true, listen: '10.30.0.11:7400', state_dir: state,\n"
+        "       local_socket: sync.sock, supervise: false,\n"
+        "       peers: [{node_id: fw2, address: '10.30.0.12:7400'}]}\n"
+    )
+    config = load_node_config(str(path))
+    assert config.cluster_id == "lab"
+    assert (config.hold.timeout, config.hold.max_packets, config.hold.max_flows) == (0.05, 100, 10)
+    assert config.sync is not None and not config.sync.supervise and not config.sync.cluster
+    assert config.sync.config_file == str(path)
+    syncd = config.sync.syncd
+    assert (syncd.node_id, syncd.cluster_id) == ("fw1", "lab")
+    assert syncd.local_socket == str(tmp_path / "sync.sock")
+    assert [p.node_id for p in syncd.peers] == ["fw2"]
+
+
+def test_a_standalone_node_has_no_sync_and_default_hold():
+    config = node_config_from_mapping({"node_id": "fw1", "rules": "r"})
+    assert config.sync is None and config.cluster_id is None
+    assert (config.hold.timeout, config.hold.max_packets, config.hold.max_flows) == (
+        0.1,
+        2048,
+        512,
+    )
+    assert config.table.tcp_liberal is False  # strict window tracking when standalone
+
+
+def test_a_clustered_node_tracks_windows_liberally_unless_told_not_to():
+    base = {"node_id": "fw1", "rules": "r", "cluster_id": "c", "sync": {**SYNC, "supervise": False}}
+    assert node_config_from_mapping(base).table.tcp_liberal is True
+    strict = node_config_from_mapping({**base, "table": {"tcp_liberal": False}})
+    assert strict.table.tcp_liberal is False
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"cluster_id": "lab", "sync": {**SYNC, "listen": "nope"}}, "sync.listen"),
+        ({"sync": SYNC}, "cluster_id: required"),
+        ({"cluster_id": "lab", "sync": {**SYNC, "supervise": 1}}, "sync.supervise"),
+        ({"cluster_id": "lab", "sync": {**SYNC, "node_id": "fw1"}}, "sync.node_id"),
+        ({"cluster_id": "lab", "sync": {**SYNC, "colour": 1}}, "colour"),
+        ({"cluster_id": "lab", "sync": "yes"}, "sync: expected a mapping"),
+        ({"cluster_id": "lab", "cluster": {}}, "cluster: requires a sync section"),
+        ({"cluster_id": 7}, "cluster_id: expected a string"),
+        ({"hold": {"timeout": "1"}}, "hold.timeout: expected float"),
+        ({"hold": {"max_flows": 0}}, "hold.max_flows"),
+        ({"hold": {"wait": 1}}, "hold: unknown key"),
+    ],
+)
+def test_invalid_cluster_keys_name_the_field(extra, message):
+    with pytest.raises(ConfigError, match=message):
+        node_config_from_mapping({"node_id": "fw1", "rules": "r", **extra}, "/tmp", "/tmp/f.yaml")
+
+
+def test_supervise_needs_the_file_syncd_will_read():
+    with pytest.raises(ConfigError, match="supervise"):
+        node_config_from_mapping({"node_id": "fw1", "rules": "r", "cluster_id": "lab",
+                                  "sync": SYNC})  # fmt: skip

@@ -323,3 +323,16 @@ def test_node_with_a_flow_log_logs_through_its_engine(tmp_path):
     assert stats["flow_log"]["pending"] == 1 and stats["flow_log_file"]["lines_written_total"] == 0
     plain = Node(NodeConfig(node_id="fw1", rules_path=str(rules)), parse_ruleset(RULES, "r"))
     assert not isinstance(plain.engine, LoggingEngine) and plain.flow_log is None
+
+
+def test_held_packet_is_not_a_deny_until_it_is_settled():
+    engine, log = logged_engine()
+    engine.enable_hold()
+    # A DNS answer with no local flow: on a clustered node its query may have
+    # crossed another node, so it is held, not denied.
+    d = engine.process(udp4(S, 53, C, 40000, b"answer"), 3.0)
+    assert d.hold_key is not None
+    assert records(log) == []
+    engine.settle(d, 3.02)  # the hold queue could not keep it: the drop stands
+    [line] = records(log)
+    assert (line["event"], line["verdict"], line["rule"]) == ("deny", "drop", "default")

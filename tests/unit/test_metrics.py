@@ -143,7 +143,7 @@ def test_optional_components_appear_only_when_present():
                    for n in bare)  # fmt: skip
     reg = registry_of(
         engine,
-        adapter=lambda: AdapterStats(10, 6, 2, 1, 1, 0, 0, 3, 4, 5, 7, 8, 9),
+        adapter=lambda: AdapterStats(10, 6, 2, 1, 1, 0, 0, 3, 4, 5, 9),
         kernel_queue=lambda: KernelQueueStats(waiting=2, queue_dropped=11, user_dropped=12),
         kernel_ct=lambda: KernelCtStats(1, 2, 3, 4, 5, 6, 7),
         dataplane_installed=lambda: True,
@@ -153,8 +153,8 @@ def test_optional_components_appear_only_when_present():
     assert value(reg, "stockade_nfq_packets_total") == 10
     assert value(reg, "stockade_nfq_verdicts_total", verdict="offload") == 2
     assert value(reg, "stockade_nfq_enobufs_total") == 3
-    assert value(reg, "stockade_flow_events_overflow_total") == 7
-    assert value(reg, "stockade_flow_events_pending") == 8
+    assert value(reg, "stockade_flow_events_total") == 5
+    assert value(reg, "stockade_flow_expiry_runs_total") == 9
     assert value(reg, "stockade_nfq_kernel_waiting") == 2
     assert value(reg, "stockade_nfq_kernel_queue_dropped_total") == 11
     assert value(reg, "stockade_nfq_kernel_user_dropped_total") == 12

@@ -96,3 +96,62 @@ def test_ping_and_unknown_commands(tmp_path):
     assert handle(node, {"cmd": "ping"}) == {"node_id": "fw1"}
     reply = handle(node, {"cmd": "selfdestruct"})
     assert reply["ok"] is False and "unknown command" in reply["error"]
+
+
+def clustered_node(tmp_path, supervise: bool = False) -> Node:
+    from node.config import node_config_from_mapping
+
+    (tmp_path / "rules.yaml").write_text(RULES)
+    raw = {
+        "node_id": "fw1", "rules": "rules.yaml", "cluster_id": "lab",
+        "sync": {"insecure": True, "state_dir": "state", "local_socket": "sync.sock",
+                 "supervise": supervise},
+    }  # fmt: skip
+    config = node_config_from_mapping(raw, str(tmp_path), str(tmp_path / "fw1.yaml"))
+    return Node(config, load_ruleset(str(tmp_path / "rules.yaml")), clock=lambda: 10.0)
+
+
+def test_a_standalone_node_is_synced_and_never_holds(tmp_path):
+    node = node_with_rules(tmp_path)
+    stats = handle(node, {"cmd": "stats"})
+    assert stats["synced"] is True and stats["sync"] is None
+    assert node.adapter.hold is None and node.syncd is None
+
+
+def test_a_clustered_node_is_not_synced_before_its_table_is_restored(tmp_path):
+    node = clustered_node(tmp_path)
+    assert node.adapter.hold is not None and node.syncd is None  # supervise: false
+    # A packet that another node's replica could explain is holdable here.
+    assert node.engine.process(udp_packet(53, 4000), 10.0).hold_key is not None
+    stats = handle(node, {"cmd": "stats"})
+    assert stats["synced"] is False
+    sync = stats["sync"]
+    assert (sync["connected"], sync["synced"], sync["link"], sync["supervised"]) == (
+        False, False, None, False,
+    )  # fmt: skip
+    assert sync["hold"]["held_total"] == 0
+
+
+def test_a_clustered_node_links_to_syncd_and_sends_its_flows(tmp_path):
+    async def run() -> None:
+        node = clustered_node(tmp_path)
+        node.link = node._make_link()  # what start() does, without NFQUEUE
+        assert (tmp_path / "state" / "filter" / "epoch").read_text() == "1\n"
+        node._offer(node.engine.process(udp_packet(4000, 53), 10.0).events)
+        stats = await node.handle({"cmd": "stats"})
+        json.dumps(stats)
+        assert stats["sync"]["link"]["queued"] == 1  # syncd is down: queued, not lost
+        assert stats["synced"] is False
+        assert node.metrics is None  # metric sources still resolve:
+        sources = node.metric_sources()
+        assert sources.sync_link is not None and sources.sync_link().queued == 1
+        assert sources.hold is not None and sources.hold().waiting == 0
+
+    asyncio.run(run())
+
+
+def test_supervised_syncd_runs_the_node_file(tmp_path):
+    node = clustered_node(tmp_path, supervise=True)
+    assert node.syncd is not None
+    assert node.syncd._argv[1:] == ["-m", "syncd.cli", "syncd", "run", "--config",
+                                    str(tmp_path / "fw1.yaml")]  # fmt: skip

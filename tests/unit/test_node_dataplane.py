@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from node.config import FastPathConfig, NodeConfig, QueueConfig
+from node.config import FastPathConfig, NodeConfig, QueueConfig, load_node_config
 from node.dataplane import (
     HASHLIMIT_NAME_MAX,
     CommandResult,
@@ -232,3 +232,53 @@ def test_variant_selects_the_binaries():
     tools = FakeTools()
     Dataplane(config(), variant="nft", runner=tools).remove()
     assert [argv[0] for argv, _ in tools.calls] == ["iptables-nft-save", "ip6tables-nft-save"]
+
+
+class FakeSysctl:
+    def __init__(self, value: str) -> None:
+        self.values = {"net/netfilter/nf_conntrack_tcp_loose": value}
+        self.writes: list[tuple[str, str]] = []
+
+    def read(self, key: str) -> str:
+        return self.values[key]
+
+    def write(self, key: str, value: str) -> None:
+        self.writes.append((key, value))
+        self.values[key] = value
+
+
+def clustered_config(tmp_path) -> NodeConfig:
+    path = tmp_path / "fw1.yaml"
+    path.write_text(
+        "node_id: fw1\ncluster_id: lab\nrules: rules.yaml\n"
+        "sync: {insecure: true, listen: '127.0.0.1:7400', state_dir: state,\n"
+        "       local_socket: sync.sock, supervise: false}\n"
+    )
+    return load_node_config(str(path))
+
+
+def test_clustered_node_turns_loose_pickup_off_and_restores_it(tmp_path):
+    sysctl = FakeSysctl("1")
+    dp = Dataplane(clustered_config(tmp_path), runner=FakeTools(), sysctl=sysctl)
+    dp.install()
+    assert sysctl.values["net/netfilter/nf_conntrack_tcp_loose"] == "0"
+    dp.remove()
+    assert sysctl.values["net/netfilter/nf_conntrack_tcp_loose"] == "1"
+    dp.remove()
+    assert len(sysctl.writes) == 2
+
+
+def test_standalone_node_leaves_loose_pickup_alone():
+    sysctl = FakeSysctl("1")
+    dp = Dataplane(config(), runner=FakeTools(), sysctl=sysctl)
+    dp.install()
+    dp.remove()
+    assert sysctl.writes == []
+
+
+def test_loose_pickup_already_off_is_not_written(tmp_path):
+    sysctl = FakeSysctl("0")  # e.g. a container whose compose file set it; /proc/sys read-only
+    dp = Dataplane(clustered_config(tmp_path), runner=FakeTools(), sysctl=sysctl)
+    dp.install()
+    dp.remove()
+    assert sysctl.writes == []

@@ -205,18 +205,26 @@ def deleted(offloaded: bool, port: int = 1000) -> FlowDeleted:
     return FlowDeleted(snapshot, DeleteReason.TIMEOUT, 1.0)
 
 
-def test_events_go_to_the_bounded_outbox_and_offloaded_deletes_to_the_kernel():
+def test_events_go_to_the_sink_and_offloaded_deletes_to_the_kernel():
     handed: list[Any] = []
+    sunk: list[tuple[Any, ...]] = []
     events = (deleted(True), deleted(False), deleted(True))
     a = adapter(ScriptedEngine(lambda _: decision(Verdict.ACCEPT, events=events)),
-                on_offloaded_delete=handed.append, outbox_len=4)  # fmt: skip
+                on_offloaded_delete=handed.append, on_events=sunk.append)  # fmt: skip
     a.handle(FakePacket())
     a.handle(FakePacket())
     assert handed == [events[0].snapshot, events[2].snapshot] * 2
-    stats = a.statistics()
-    assert (stats.events_total, stats.outbox_overflow_total, stats.outbox_pending) == (6, 2, 4)
-    assert a.drain_events(3) == [events[2], events[0], events[1]]
-    assert a.statistics().outbox_pending == 1
+    assert sunk == [events, events]  # in order, one call per decision
+    assert a.statistics().events_total == 6
+
+
+def test_without_a_sink_events_are_counted_and_not_kept():
+    events = (deleted(False),)
+    a = adapter(ScriptedEngine(lambda _: decision(Verdict.ACCEPT, events=events)))
+    for _ in range(3):
+        a.handle(FakePacket())
+    assert a.statistics().events_total == 3
+    assert not hasattr(a, "outbox")  # nothing grows or overflows without a consumer
 
 
 def test_unoffload_reinjects_the_accept_to_clear_the_kernel_mark():

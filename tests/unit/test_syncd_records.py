@@ -6,6 +6,8 @@ import dataclasses
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from syncd._pb.stockade.sync.v1 import sync_pb2 as pb
 from syncd.errors import BadMessage, Misuse, PeerError
@@ -19,8 +21,12 @@ from syncd.records import (
     check_node_id,
     delta_from_pb,
     delta_to_pb,
+    delta_wire,
+    record_body,
     record_from_pb,
     record_to_pb,
+    record_wire,
+    with_version,
 )
 
 
@@ -182,3 +188,77 @@ def test_version_clock_bounds() -> None:
 def test_order_breaks_version_ties_by_origin() -> None:
     assert record(origin="fw2").order > record(origin="fw1").order
     assert record(version=8, origin="fw1").order > record(origin="fw2").order
+
+
+# --- the fast wire paths agree with the slow definitions --------------------------------
+
+_PB_RECORDS = st.builds(
+    pb.FlowRecord,
+    key=st.binary(min_size=0, max_size=70),
+    proto=st.sampled_from([0, 6, 17, 255, 256, 2**32 - 1]),
+    family=st.sampled_from([0, 4, 6, 5]),
+    orig_src=st.sampled_from([b"", b"\x0a\0\0\x01", b"\x0a\0\0", b"\x20\x01" + b"\0" * 14]),
+    orig_sport=st.sampled_from([0, 80, 65535, 65536]),
+    orig_dst=st.sampled_from([b"\x0a\0\0\x02", b"\xfd" + b"\0" * 15]),
+    orig_dport=st.sampled_from([0, 443, 70000]),
+    state=st.sampled_from(["ESTABLISHED", "SYN_SENT", "", "bad state", "X" * 33, "TIME_WAIT2"]),
+    assured=st.booleans(),
+    timeout=st.sampled_from([0.0, 30.0, -1.0, float("nan"), float("inf"), 30 * 86400.0 + 1]),
+    origin=st.sampled_from(["fw1", "fw-2", "", "Fw1", "a" * 32]),
+    version=st.sampled_from([0, 1, 2**40, (1 << 63) - 1, 1 << 63]),
+)
+
+
+def _slow_record_from_pb(msg: pb.FlowRecord) -> FlowRecord | None:
+    """The definition: the validated constructor (None where it refuses)."""
+    size = {4: 4, 6: 16}.get(msg.family)
+    if size is None or len(msg.orig_src) != size or len(msg.orig_dst) != size:
+        return None
+    try:
+        return FlowRecord(
+            key=bytes(msg.key), proto=msg.proto, family=msg.family,
+            orig_src=int.from_bytes(msg.orig_src, "big"), orig_sport=msg.orig_sport,
+            orig_dst=int.from_bytes(msg.orig_dst, "big"), orig_dport=msg.orig_dport,
+            state=msg.state, assured=msg.assured, timeout=msg.timeout, origin=msg.origin,
+            version=msg.version,
+        )  # fmt: skip
+    except Misuse:
+        return None
+
+
+@settings(max_examples=500, deadline=None)
+@given(msg=_PB_RECORDS)
+def test_fast_record_from_pb_agrees_with_the_constructor(msg: pb.FlowRecord) -> None:
+    expected = _slow_record_from_pb(msg)
+    try:
+        got = record_from_pb(msg)
+    except BadMessage as e:
+        assert expected is None, f"refused a valid record: {e}"
+        return
+    assert expected is not None and got == expected
+    # The wire form built from the cached body parses back to the same record.
+    again = record_from_pb(pb.FlowRecord.FromString(record_wire(got)))
+    assert again == got and record_to_pb(got) == pb.FlowRecord.FromString(record_wire(got))
+
+
+def test_delta_wire_round_trip_and_created() -> None:
+    rec = record()
+    delta = Delta(Op.UPDATE, rec.origin, 7, rec, created=1763800000.25)
+    back = delta_from_pb(pb.Delta.FromString(delta_wire(delta)))
+    assert back == delta and back.created == 1763800000.25
+    plain = Delta(Op.DELETE, rec.origin, 8, rec)
+    assert delta_from_pb(delta_to_pb(plain)).created == 0.0
+    bad = delta_to_pb(plain)
+    bad.created = float("nan")
+    with pytest.raises(BadMessage):
+        delta_from_pb(bad)
+
+
+def test_with_version_keeps_the_body_and_checks_the_version() -> None:
+    rec = record()
+    body = record_body(rec)
+    moved = with_version(rec, rec.version + 5)
+    assert moved.version == rec.version + 5 and moved.body == body
+    assert dataclasses.replace(rec, state="CLOSE").body == b""  # never a stale cache
+    with pytest.raises(Misuse):
+        with_version(rec, 0)

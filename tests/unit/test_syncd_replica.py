@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from syncd.errors import ConfigError, Misuse
 from syncd.records import FlowRecord, Op
@@ -241,3 +243,44 @@ def test_digest_is_order_independent_and_sensitive() -> None:
 def test_config_is_validated(config: dict[str, float]) -> None:
     with pytest.raises(ConfigError):
         ReplicaConfig(**config)  # type: ignore[arg-type]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.integers(0, 5), st.integers(1, 6), st.sampled_from(["fw1", "fw2"]), st.booleans()
+        ),
+        max_size=40,
+    ),
+    page=st.lists(st.tuples(st.integers(0, 5), st.integers(1, 6)), max_size=20),
+    sweep=st.booleans(),
+)
+def test_upsert_many_is_apply_update_in_a_loop(ops, page, sweep) -> None:
+    config = ReplicaConfig(capacity=4)
+    one, many = ReplicaStore(config), ReplicaStore(config)
+    for store in (one, many):
+        for k, v, origin, delete in ops:
+            op = Op.DELETE if delete else Op.UPDATE
+            store.apply(op, make_record(b"k%d" % k, origin, v), 1.0)
+        if sweep:
+            store.begin_sweep("fw1")
+    records = [make_record(b"k%d" % k, "fw1", v) for k, v in page]
+    outcomes = [one.apply(Op.UPDATE, r, 2.0) for r in records]
+    got, full = many.upsert_many(records, 2.0)
+    assert got == [c for _, c in outcomes if c is not None]
+    assert full == sum(1 for o, _ in outcomes if o is Outcome.FULL)
+    assert one.statistics() == many.statistics()
+    assert sorted(one.records(), key=lambda r: r.key) == sorted(many.records(), key=lambda r: r.key)
+    if sweep:
+        assert one.end_sweep("fw1", 3.0) == many.end_sweep("fw1", 3.0)
+
+
+def test_count_per_origin_follows_the_live_records() -> None:
+    s = store()
+    s.apply(Op.CREATE, rec(1, 1, "a"), 0.0)
+    s.apply(Op.CREATE, rec(2, 1, "a"), 0.0)
+    s.apply(Op.CREATE, rec(3, 1, "b"), 0.0)
+    assert (s.count("a"), s.count("b"), s.count("c")) == (2, 1, 0)
+    s.apply(Op.DELETE, rec(1, 2, "a"), 0.0)
+    assert s.count("a") == sum(1 for _ in s.records("a")) == 1

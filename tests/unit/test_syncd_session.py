@@ -365,16 +365,19 @@ def test_batch_waits_for_delay_or_size() -> None:
     duo = Duo(config)
     duo.live()
     emit(duo.nodes["a"], 1, duo.now)
+    sent = duo.out("a")  # nothing in flight: a lone delta goes at once (Nagle)
+    assert kinds(sent) == ["batch"] and len(sent[0].batch.deltas) == 1
+    emit(duo.nodes["a"], 2, duo.now)  # delta 1 is unacked: this one waits
     assert duo.out("a") == []
     assert duo.a.next_deadline() == pytest.approx(duo.now + 0.001)
     duo.now += 0.001
     sent = duo.out("a")
-    assert kinds(sent) == ["batch"] and len(sent[0].batch.deltas) == 1
-    for k in range(2, 9):
+    assert kinds(sent) == ["batch"] and [d.seq for d in sent[0].batch.deltas] == [2]
+    for k in range(3, 10):
         emit(duo.nodes["a"], k, duo.now)
     sent = duo.out("a")  # 7 unsent >= batch_max: flush at once, in batches of 3
     assert [len(m.batch.deltas) for m in sent] == [3, 3, 1]
-    assert [d.seq for m in sent for d in m.batch.deltas] == list(range(2, 9))
+    assert [d.seq for m in sent for d in m.batch.deltas] == list(range(3, 10))
 
 
 def test_acks_trim_the_outbox() -> None:

@@ -15,7 +15,7 @@ from cryptography.x509.oid import NameOID
 
 from syncd.certs import init_certs, make_ca, make_node_cert, node_uri
 from syncd.cli import main as cli_main
-from syncd.config import TlsConfig
+from syncd.config import TlsConfig, load_beacon_key
 from syncd.errors import ConfigError
 from syncd.tls import (
     PeerIdentity,
@@ -43,7 +43,13 @@ def load(path: Path) -> x509.Certificate:
 
 def test_init_writes_ca_and_node_files_with_private_keys_0600(certdir: Path) -> None:
     names = sorted(p.name for p in certdir.iterdir())
-    assert names == ["ca.key", "ca.pem", "fw1.key", "fw1.pem", "fw2.key", "fw2.pem"]
+    assert names == [
+        "beacon.key", "ca.key", "ca.pem", "fw1.key", "fw1.pem", "fw2.key", "fw2.pem",
+    ]  # fmt: skip
+    assert stat.S_IMODE(os.stat(certdir / "beacon.key").st_mode) == 0o600
+    assert load_beacon_key(str(certdir / "beacon.key")) != load_beacon_key(
+        init_certs(str(certdir / "again"), "prod", ["fw1"])[-1]
+    )  # random per cluster
     for key in ("ca.key", "fw1.key", "fw2.key"):
         assert stat.S_IMODE(os.stat(certdir / key).st_mode) == 0o600
         loaded = serialization.load_pem_private_key((certdir / key).read_bytes(), None)

@@ -24,37 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bstockade/sync/v1/sync.proto\x12\x10stockade.sync.v1\"\xd6\x01\n\nFlowRecord\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05proto\x18\x02 \x01(\r\x12\x0e\n\x06\x66\x61mily\x18\x03 \x01(\r\x12\x10\n\x08orig_src\x18\x04 \x01(\x0c\x12\x12\n\norig_sport\x18\x05 \x01(\r\x12\x10\n\x08orig_dst\x18\x06 \x01(\x0c\x12\x12\n\norig_dport\x18\x07 \x01(\r\x12\r\n\x05state\x18\x08 \x01(\t\x12\x0f\n\x07\x61ssured\x18\t \x01(\x08\x12\x0f\n\x07timeout\x18\n \x01(\x01\x12\x0e\n\x06origin\x18\x0b \x01(\t\x12\x0f\n\x07version\x18\x0c \x01(\x04\"t\n\x05\x44\x65lta\x12 \n\x02op\x18\x01 \x01(\x0e\x32\x14.stockade.sync.v1.Op\x12\x0e\n\x06origin\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12,\n\x06record\x18\x04 \x01(\x0b\x32\x1c.stockade.sync.v1.FlowRecord\"O\n\x05\x42\x61tch\x12\x0e\n\x06origin\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\'\n\x06\x64\x65ltas\x18\x03 \x03(\x0b\x32\x17.stockade.sync.v1.Delta\">\n\x03\x41\x63k\x12\x0e\n\x06origin\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x0b\n\x03gap\x18\x04 \x01(\x08\":\n\x0cOriginCursor\x12\x0e\n\x06origin\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0b\n\x03seq\x18\x03 \x01(\x04\"{\n\x05Hello\x12\x10\n\x08protocol\x18\x01 \x01(\r\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x12\n\ncluster_id\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12,\n\x04seen\x18\x05 \x03(\x0b\x32\x1e.stockade.sync.v1.OriginCursor\"\x1c\n\tHeartbeat\x12\x0f\n\x07\x63ounter\x18\x01 \x01(\x04\"B\n\x0eResyncRequired\x12\x0e\n\x06origin\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x11\n\tlost_upto\x18\x03 \x01(\x04\"Z\n\x0fSnapshotRequest\x12\x0e\n\x06origin\x18\x01 \x01(\t\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\x0c\x12\x12\n\nrequest_id\x18\x03 \x01(\x04\x12\x13\n\x0bmax_records\x18\x04 \x01(\r\"\xb6\x01\n\rSnapshotChunk\x12\x0e\n\x06origin\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x12\n\nrequest_id\x18\x03 \x01(\x04\x12\x10\n\x08\x62\x61se_seq\x18\x04 \x01(\x04\x12\x0e\n\x06\x63ursor\x18\x05 \x01(\x0c\x12-\n\x07records\x18\x06 \x03(\x0b\x32\x1c.stockade.sync.v1.FlowRecord\x12\x13\n\x0bnext_cursor\x18\x07 \x01(\x0c\x12\x0c\n\x04last\x18\x08 \x01(\x08\"\xf5\x02\n\x08\x45nvelope\x12(\n\x05hello\x18\x01 \x01(\x0b\x32\x17.stockade.sync.v1.HelloH\x00\x12(\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x17.stockade.sync.v1.BatchH\x00\x12$\n\x03\x61\x63k\x18\x03 \x01(\x0b\x32\x15.stockade.sync.v1.AckH\x00\x12\x30\n\theartbeat\x18\x04 \x01(\x0b\x32\x1b.stockade.sync.v1.HeartbeatH\x00\x12;\n\x0fresync_required\x18\x05 \x01(\x0b\x32 .stockade.sync.v1.ResyncRequiredH\x00\x12=\n\x10snapshot_request\x18\x06 \x01(\x0b\x32!.stockade.sync.v1.SnapshotRequestH\x00\x12\x39\n\x0esnapshot_chunk\x18\x07 \x01(\x0b\x32\x1f.stockade.sync.v1.SnapshotChunkH\x00\x42\x06\n\x04\x62ody*E\n\x02Op\x12\x12\n\x0eOP_UNSPECIFIED\x10\x00\x12\r\n\tOP_CREATE\x10\x01\x12\r\n\tOP_UPDATE\x10\x02\x12\r\n\tOP_DELETE\x10\x03\x32\xa5\x01\n\tStateSync\x12\x46\n\x08\x45xchange\x12\x1a.stockade.sync.v1.Envelope\x1a\x1a.stockade.sync.v1.Envelope(\x01\x30\x01\x12P\n\x08Snapshot\x12!.stockade.sync.v1.SnapshotRequest\x1a\x1f.stockade.sync.v1.SnapshotChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bstockade/sync/v1/sync.proto\x12\x10stockade.sync.v1\"\xd6\x01\n\nFlowRecord\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05proto\x18\x02 \x01(\r\x12\x0e\n\x06\x66\x61mily\x18\x03 \x01(\r\x12\x10\n\x08orig_src\x18\x04 \x01(\x0c\x12\x12\n\norig_sport\x18\x05 \x01(\r\x12\x10\n\x08orig_dst\x18\x06 \x01(\x0c\x12\x12\n\norig_dport\x18\x07 \x01(\r\x12\r\n\x05state\x18\x08 \x01(\t\x12\x0f\n\x07\x61ssured\x18\t \x01(\x08\x12\x0f\n\x07timeout\x18\n \x01(\x01\x12\x0e\n\x06origin\x18\x0b \x01(\t\x12\x0f\n\x07version\x18\x0c \x01(\x04\"\x85\x01\n\x05\x44\x65lta\x12 \n\x02op\x18\x01 \x01(\x0e\x32\x14.stockade.sync.v1.Op\x12\x0e\n\x06origin\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12,\n\x06record\x18\x04 \x01(\x0b\x32\x1c.stockade.sync.v1.FlowRecord\x12\x0f\n\x07\x63reated\x18\x05 \x01(\x01\"O\n\x05\x42\x61tch\x12\x0e\n\x06origin\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\'\n\x06\x64\x65ltas\x18\x03 \x03(\x0b\x32\x17.stockade.sync.v1.Delta\">\n\x03\x41\x63k\x12\x0e\n\x06origin\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x0b\n\x03gap\x18\x04 \x01(\x08\":\n\x0cOriginCursor\x12\x0e\n\x06origin\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0b\n\x03seq\x18\x03 \x01(\x04\"{\n\x05Hello\x12\x10\n\x08protocol\x18\x01 \x01(\r\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x12\n\ncluster_id\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12,\n\x04seen\x18\x05 \x03(\x0b\x32\x1e.stockade.sync.v1.OriginCursor\"\x1c\n\tHeartbeat\x12\x0f\n\x07\x63ounter\x18\x01 \x01(\x04\"B\n\x0eResyncRequired\x12\x0e\n\x06origin\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x11\n\tlost_upto\x18\x03 \x01(\x04\"Z\n\x0fSnapshotRequest\x12\x0e\n\x06origin\x18\x01 \x01(\t\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\x0c\x12\x12\n\nrequest_id\x18\x03 \x01(\x04\x12\x13\n\x0bmax_records\x18\x04 \x01(\r\"\xb6\x01\n\rSnapshotChunk\x12\x0e\n\x06origin\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x12\n\nrequest_id\x18\x03 \x01(\x04\x12\x10\n\x08\x62\x61se_seq\x18\x04 \x01(\x04\x12\x0e\n\x06\x63ursor\x18\x05 \x01(\x0c\x12-\n\x07records\x18\x06 \x03(\x0b\x32\x1c.stockade.sync.v1.FlowRecord\x12\x13\n\x0bnext_cursor\x18\x07 \x01(\x0c\x12\x0c\n\x04last\x18\x08 \x01(\x08\"1\n\rDigestRequest\x12\x0f\n\x07\x62uckets\x18\x01 \x01(\r\x12\x0f\n\x07origins\x18\x02 \x03(\t\"=\n\x0cOriginDigest\x12\x0e\n\x06origin\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\x12\x0e\n\x06hashes\x18\x03 \x03(\x06\">\n\x0b\x44igestReply\x12/\n\x07origins\x18\x01 \x03(\x0b\x32\x1e.stockade.sync.v1.OriginDigest\"m\n\x05\x45ntry\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12,\n\x06record\x18\x02 \x01(\x0b\x32\x1c.stockade.sync.v1.FlowRecord\x12\x14\n\x0ctomb_version\x18\x03 \x01(\x04\x12\x13\n\x0btomb_origin\x18\x04 \x01(\t\"\x96\x01\n\rRepairRequest\x12\x0e\n\x06origin\x18\x01 \x01(\t\x12\x0f\n\x07\x62uckets\x18\x02 \x01(\r\x12\x12\n\nbucket_ids\x18\x03 \x03(\r\x12(\n\x07\x65ntries\x18\x04 \x03(\x0b\x32\x17.stockade.sync.v1.Entry\x12\x15\n\ras_of_version\x18\x05 \x01(\x04\x12\x0f\n\x07node_id\x18\x06 \x01(\t\"N\n\x0bRepairReply\x12(\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x17.stockade.sync.v1.Entry\x12\x15\n\ras_of_version\x18\x02 \x01(\x04\"\xf5\x02\n\x08\x45nvelope\x12(\n\x05hello\x18\x01 \x01(\x0b\x32\x17.stockade.sync.v1.HelloH\x00\x12(\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x17.stockade.sync.v1.BatchH\x00\x12$\n\x03\x61\x63k\x18\x03 \x01(\x0b\x32\x15.stockade.sync.v1.AckH\x00\x12\x30\n\theartbeat\x18\x04 \x01(\x0b\x32\x1b.stockade.sync.v1.HeartbeatH\x00\x12;\n\x0fresync_required\x18\x05 \x01(\x0b\x32 .stockade.sync.v1.ResyncRequiredH\x00\x12=\n\x10snapshot_request\x18\x06 \x01(\x0b\x32!.stockade.sync.v1.SnapshotRequestH\x00\x12\x39\n\x0esnapshot_chunk\x18\x07 \x01(\x0b\x32\x1f.stockade.sync.v1.SnapshotChunkH\x00\x42\x06\n\x04\x62ody*E\n\x02Op\x12\x12\n\x0eOP_UNSPECIFIED\x10\x00\x12\r\n\tOP_CREATE\x10\x01\x12\r\n\tOP_UPDATE\x10\x02\x12\r\n\tOP_DELETE\x10\x03\x32\xb9\x02\n\tStateSync\x12\x46\n\x08\x45xchange\x12\x1a.stockade.sync.v1.Envelope\x1a\x1a.stockade.sync.v1.Envelope(\x01\x30\x01\x12P\n\x08Snapshot\x12!.stockade.sync.v1.SnapshotRequest\x1a\x1f.stockade.sync.v1.SnapshotChunk0\x01\x12H\n\x06\x44igest\x12\x1f.stockade.sync.v1.DigestRequest\x1a\x1d.stockade.sync.v1.DigestReply\x12H\n\x06Repair\x12\x1f.stockade.sync.v1.RepairRequest\x1a\x1d.stockade.sync.v1.RepairReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'stockade.sync.v1.sync_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OP']._serialized_start=1465
-  _globals['_OP']._serialized_end=1534
+  _globals['_OP']._serialized_start=2005
+  _globals['_OP']._serialized_end=2074
   _globals['_FLOWRECORD']._serialized_start=50
   _globals['_FLOWRECORD']._serialized_end=264
-  _globals['_DELTA']._serialized_start=266
-  _globals['_DELTA']._serialized_end=382
-  _globals['_BATCH']._serialized_start=384
-  _globals['_BATCH']._serialized_end=463
-  _globals['_ACK']._serialized_start=465
-  _globals['_ACK']._serialized_end=527
-  _globals['_ORIGINCURSOR']._serialized_start=529
-  _globals['_ORIGINCURSOR']._serialized_end=587
-  _globals['_HELLO']._serialized_start=589
-  _globals['_HELLO']._serialized_end=712
-  _globals['_HEARTBEAT']._serialized_start=714
-  _globals['_HEARTBEAT']._serialized_end=742
-  _globals['_RESYNCREQUIRED']._serialized_start=744
-  _globals['_RESYNCREQUIRED']._serialized_end=810
-  _globals['_SNAPSHOTREQUEST']._serialized_start=812
-  _globals['_SNAPSHOTREQUEST']._serialized_end=902
-  _globals['_SNAPSHOTCHUNK']._serialized_start=905
-  _globals['_SNAPSHOTCHUNK']._serialized_end=1087
-  _globals['_ENVELOPE']._serialized_start=1090
-  _globals['_ENVELOPE']._serialized_end=1463
-  _globals['_STATESYNC']._serialized_start=1537
-  _globals['_STATESYNC']._serialized_end=1702
+  _globals['_DELTA']._serialized_start=267
+  _globals['_DELTA']._serialized_end=400
+  _globals['_BATCH']._serialized_start=402
+  _globals['_BATCH']._serialized_end=481
+  _globals['_ACK']._serialized_start=483
+  _globals['_ACK']._serialized_end=545
+  _globals['_ORIGINCURSOR']._serialized_start=547
+  _globals['_ORIGINCURSOR']._serialized_end=605
+  _globals['_HELLO']._serialized_start=607
+  _globals['_HELLO']._serialized_end=730
+  _globals['_HEARTBEAT']._serialized_start=732
+  _globals['_HEARTBEAT']._serialized_end=760
+  _globals['_RESYNCREQUIRED']._serialized_start=762
+  _globals['_RESYNCREQUIRED']._serialized_end=828
+  _globals['_SNAPSHOTREQUEST']._serialized_start=830
+  _globals['_SNAPSHOTREQUEST']._serialized_end=920
+  _globals['_SNAPSHOTCHUNK']._serialized_start=923
+  _globals['_SNAPSHOTCHUNK']._serialized_end=1105
+  _globals['_DIGESTREQUEST']._serialized_start=1107
+  _globals['_DIGESTREQUEST']._serialized_end=1156
+  _globals['_ORIGINDIGEST']._serialized_start=1158
+  _globals['_ORIGINDIGEST']._serialized_end=1219
+  _globals['_DIGESTREPLY']._serialized_start=1221
+  _globals['_DIGESTREPLY']._serialized_end=1283
+  _globals['_ENTRY']._serialized_start=1285
+  _globals['_ENTRY']._serialized_end=1394
+  _globals['_REPAIRREQUEST']._serialized_start=1397
+  _globals['_REPAIRREQUEST']._serialized_end=1547
+  _globals['_REPAIRREPLY']._serialized_start=1549
+  _globals['_REPAIRREPLY']._serialized_end=1627
+  _globals['_ENVELOPE']._serialized_start=1630
+  _globals['_ENVELOPE']._serialized_end=2003
+  _globals['_STATESYNC']._serialized_start=2077
+  _globals['_STATESYNC']._serialized_end=2390
 # @@protoc_insertion_point(module_scope)

@@ -47,16 +47,18 @@ class FlowRecord(_message.Message):
     def __init__(self, key: _Optional[bytes] = ..., proto: _Optional[int] = ..., family: _Optional[int] = ..., orig_src: _Optional[bytes] = ..., orig_sport: _Optional[int] = ..., orig_dst: _Optional[bytes] = ..., orig_dport: _Optional[int] = ..., state: _Optional[str] = ..., assured: _Optional[bool] = ..., timeout: _Optional[float] = ..., origin: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class Delta(_message.Message):
-    __slots__ = ("op", "origin", "seq", "record")
+    __slots__ = ("op", "origin", "seq", "record", "created")
     OP_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     RECORD_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
     op: Op
     origin: str
     seq: int
     record: FlowRecord
-    def __init__(self, op: _Optional[_Union[Op, str]] = ..., origin: _Optional[str] = ..., seq: _Optional[int] = ..., record: _Optional[_Union[FlowRecord, _Mapping]] = ...) -> None: ...
+    created: float
+    def __init__(self, op: _Optional[_Union[Op, str]] = ..., origin: _Optional[str] = ..., seq: _Optional[int] = ..., record: _Optional[_Union[FlowRecord, _Mapping]] = ..., created: _Optional[float] = ...) -> None: ...
 
 class Batch(_message.Message):
     __slots__ = ("origin", "epoch", "deltas")
@@ -151,6 +153,66 @@ class SnapshotChunk(_message.Message):
     next_cursor: bytes
     last: bool
     def __init__(self, origin: _Optional[str] = ..., epoch: _Optional[int] = ..., request_id: _Optional[int] = ..., base_seq: _Optional[int] = ..., cursor: _Optional[bytes] = ..., records: _Optional[_Iterable[_Union[FlowRecord, _Mapping]]] = ..., next_cursor: _Optional[bytes] = ..., last: _Optional[bool] = ...) -> None: ...
+
+class DigestRequest(_message.Message):
+    __slots__ = ("buckets", "origins")
+    BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    ORIGINS_FIELD_NUMBER: _ClassVar[int]
+    buckets: int
+    origins: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, buckets: _Optional[int] = ..., origins: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class OriginDigest(_message.Message):
+    __slots__ = ("origin", "count", "hashes")
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    HASHES_FIELD_NUMBER: _ClassVar[int]
+    origin: str
+    count: int
+    hashes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, origin: _Optional[str] = ..., count: _Optional[int] = ..., hashes: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class DigestReply(_message.Message):
+    __slots__ = ("origins",)
+    ORIGINS_FIELD_NUMBER: _ClassVar[int]
+    origins: _containers.RepeatedCompositeFieldContainer[OriginDigest]
+    def __init__(self, origins: _Optional[_Iterable[_Union[OriginDigest, _Mapping]]] = ...) -> None: ...
+
+class Entry(_message.Message):
+    __slots__ = ("key", "record", "tomb_version", "tomb_origin")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    RECORD_FIELD_NUMBER: _ClassVar[int]
+    TOMB_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TOMB_ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    key: bytes
+    record: FlowRecord
+    tomb_version: int
+    tomb_origin: str
+    def __init__(self, key: _Optional[bytes] = ..., record: _Optional[_Union[FlowRecord, _Mapping]] = ..., tomb_version: _Optional[int] = ..., tomb_origin: _Optional[str] = ...) -> None: ...
+
+class RepairRequest(_message.Message):
+    __slots__ = ("origin", "buckets", "bucket_ids", "entries", "as_of_version", "node_id")
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    BUCKET_IDS_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    AS_OF_VERSION_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    origin: str
+    buckets: int
+    bucket_ids: _containers.RepeatedScalarFieldContainer[int]
+    entries: _containers.RepeatedCompositeFieldContainer[Entry]
+    as_of_version: int
+    node_id: str
+    def __init__(self, origin: _Optional[str] = ..., buckets: _Optional[int] = ..., bucket_ids: _Optional[_Iterable[int]] = ..., entries: _Optional[_Iterable[_Union[Entry, _Mapping]]] = ..., as_of_version: _Optional[int] = ..., node_id: _Optional[str] = ...) -> None: ...
+
+class RepairReply(_message.Message):
+    __slots__ = ("entries", "as_of_version")
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    AS_OF_VERSION_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[Entry]
+    as_of_version: int
+    def __init__(self, entries: _Optional[_Iterable[_Union[Entry, _Mapping]]] = ..., as_of_version: _Optional[int] = ...) -> None: ...
 
 class Envelope(_message.Message):
     __slots__ = ("hello", "batch", "ack", "heartbeat", "resync_required", "snapshot_request", "snapshot_chunk")

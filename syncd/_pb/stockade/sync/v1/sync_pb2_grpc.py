@@ -44,6 +44,16 @@ class StateSyncStub:
                 request_serializer=stockade_dot_sync_dot_v1_dot_sync__pb2.SnapshotRequest.SerializeToString,
                 response_deserializer=stockade_dot_sync_dot_v1_dot_sync__pb2.SnapshotChunk.FromString,
                 _registered_method=True)
+        self.Digest = channel.unary_unary(
+                '/stockade.sync.v1.StateSync/Digest',
+                request_serializer=stockade_dot_sync_dot_v1_dot_sync__pb2.DigestRequest.SerializeToString,
+                response_deserializer=stockade_dot_sync_dot_v1_dot_sync__pb2.DigestReply.FromString,
+                _registered_method=True)
+        self.Repair = channel.unary_unary(
+                '/stockade.sync.v1.StateSync/Repair',
+                request_serializer=stockade_dot_sync_dot_v1_dot_sync__pb2.RepairRequest.SerializeToString,
+                response_deserializer=stockade_dot_sync_dot_v1_dot_sync__pb2.RepairReply.FromString,
+                _registered_method=True)
 
 
 class StateSyncServicer:
@@ -64,6 +74,20 @@ class StateSyncServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Digest(self, request, context):
+        """Anti-entropy: per-origin bucket hashes of the records held.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Repair(self, request, context):
+        """Anti-entropy: swap the entries of differing buckets; both sides repair.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StateSyncServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +100,16 @@ def add_StateSyncServicer_to_server(servicer, server):
                     servicer.Snapshot,
                     request_deserializer=stockade_dot_sync_dot_v1_dot_sync__pb2.SnapshotRequest.FromString,
                     response_serializer=stockade_dot_sync_dot_v1_dot_sync__pb2.SnapshotChunk.SerializeToString,
+            ),
+            'Digest': grpc.unary_unary_rpc_method_handler(
+                    servicer.Digest,
+                    request_deserializer=stockade_dot_sync_dot_v1_dot_sync__pb2.DigestRequest.FromString,
+                    response_serializer=stockade_dot_sync_dot_v1_dot_sync__pb2.DigestReply.SerializeToString,
+            ),
+            'Repair': grpc.unary_unary_rpc_method_handler(
+                    servicer.Repair,
+                    request_deserializer=stockade_dot_sync_dot_v1_dot_sync__pb2.RepairRequest.FromString,
+                    response_serializer=stockade_dot_sync_dot_v1_dot_sync__pb2.RepairReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +166,60 @@ class StateSync:
             '/stockade.sync.v1.StateSync/Snapshot',
             stockade_dot_sync_dot_v1_dot_sync__pb2.SnapshotRequest.SerializeToString,
             stockade_dot_sync_dot_v1_dot_sync__pb2.SnapshotChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Digest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stockade.sync.v1.StateSync/Digest',
+            stockade_dot_sync_dot_v1_dot_sync__pb2.DigestRequest.SerializeToString,
+            stockade_dot_sync_dot_v1_dot_sync__pb2.DigestReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Repair(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stockade.sync.v1.StateSync/Repair',
+            stockade_dot_sync_dot_v1_dot_sync__pb2.RepairRequest.SerializeToString,
+            stockade_dot_sync_dot_v1_dot_sync__pb2.RepairReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,186 @@
+"""ARP dead-man switch: a node whose agent stops running stops answering for the VIPs.
+
+Why.  Fencing needs a running process.  A node whose agent is frozen
+(SIGSTOP, a hung VM, a stuck event loop) keeps its VIP addresses, and its
+kernel keeps answering ARP for them while the peers, which stopped hearing
+it, take the VIPs over: a router that asks then gets two answers, and may
+believe the frozen one.  Kernel address lifetimes (``cluster.vip_lifetime``)
+end that after about 2 s; IPv4 lifetimes have whole-second granularity, so
+they cannot go much lower.
+
+How.  An nftables table in the node's network namespace, on the egress hook
+of every VIP interface::
+
+    ether type 0x88b5 update @alive { oifname timeout T } drop
+    arp saddr ip @vips oifname != @alive drop
+
+The agent sends one frame of the local experimental ethertype 0x88b5
+(IEEE 802) on each VIP interface every T/5 from its event loop (T:
+``cluster.arp_guard``, 0.15 s)
+(:meth:`ArpGuard.keepalive`); the first rule refreshes the interface's
+element in the ``alive`` set (and drops the frame: it never leaves the
+host); the second drops every ARP packet (replies, requests, gratuitous)
+whose sender address is a VIP once the element has expired.  A frozen
+agent sends no keepalive: within T its kernel no longer speaks for the VIPs,
+while addresses, routes and forwarding stay as they are.  When the agent
+runs again, its first keepalive re-opens ARP, and it fences (addresses off)
+on the stall it measured, as before.
+
+IPv6 VIPs (neighbour advertisements) are not covered yet.
+
+:func:`guard_ruleset` is pure (the nft script); :class:`ArpGuard` is the
+adapter (runs ``nft -f -`` at install and removal, sends the frames).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from cluster.errors import Misuse
+from cluster.vip import VipError, parse_vip
+
+__all__ = ["GUARD_TABLE", "KEEPALIVE_ETHERTYPE", "ArpGuard", "GuardStats", "guard_ruleset"]
+
+GUARD_TABLE: Final = "stockade_vips"  # netdev family, one per network namespace
+KEEPALIVE_ETHERTYPE: Final = 0x88B5  # IEEE 802 local experimental ethertype 1
+_NFT_TIMEOUT: Final = 10.0  # seconds an `nft -f` may take before it is a failure
+
+
+def guard_ruleset(ifnames: Sequence[str], vips: Sequence[str], timeout: float) -> str:
+    """The nft script that (re)creates the guard table (pure).
+
+    Declaring the table, deleting it and declaring it again in one
+    transaction replaces a table a previous run left behind atomically.
+    """
+    if not ifnames:
+        raise Misuse("guard_ruleset: no interface")
+    if not 0.05 <= timeout <= 60:
+        raise Misuse(f"guard_ruleset: timeout {timeout} s is not 0.05..60")
+    v4 = sorted({str(parse_vip(v).ip) for v in vips if parse_vip(v).version == 4})
+    ms = round(timeout * 1000)
+    elements = f"elements = {{ {', '.join(v4)} }}; " if v4 else ""
+    lines = [
+        f"table netdev {GUARD_TABLE} {{}}",
+        f"delete table netdev {GUARD_TABLE}",
+        f"table netdev {GUARD_TABLE} {{",
+        "  set alive { type ifname; flags dynamic,timeout; }",
+        f"  set vips {{ type ipv4_addr; {elements}}}",
+    ]
+    for ifname in sorted(set(ifnames)):
+        _check_ifname(ifname)
+        lines += [
+            f"  chain eg_{ifname.replace('-', '_').replace('.', '_')} {{",
+            f'    type filter hook egress device "{ifname}" priority filter; policy accept;',
+            f"    ether type {KEEPALIVE_ETHERTYPE:#06x} update @alive {{ oifname timeout {ms}ms }} "
+            "drop",
+            "    arp saddr ip @vips oifname != @alive drop",
+            "  }",
+        ]
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _check_ifname(ifname: str) -> None:
+    # Interface names reach an nft script: only what Linux and nft both accept plainly.
+    if not (0 < len(ifname) < 16 and all(c.isalnum() or c in "-_." for c in ifname)):
+        raise Misuse(f"interface name {ifname!r} cannot be guarded")
+
+
+def keepalive_frame(mac: bytes) -> bytes:
+    """An Ethernet frame of the keepalive ethertype from and to ``mac`` (padded to 60 bytes)."""
+    if len(mac) != 6:
+        raise Misuse("keepalive_frame: a MAC is 6 bytes")
+    header = mac + mac + KEEPALIVE_ETHERTYPE.to_bytes(2, "big")
+    return header + b"STKA" + bytes(60 - len(header) - 4)
+
+
+@dataclass(frozen=True, slots=True)
+class GuardStats:
+    installed: bool
+    keepalives: int  # frames handed to the kernel
+    errors: int  # keepalives the kernel refused (counted, never raised)
+
+
+class ArpGuard:
+    """The guard table and the keepalive frames for this namespace's VIP interfaces."""
+
+    def __init__(self, ifnames: Sequence[str], vips: Sequence[str], timeout: float) -> None:
+        self.script = guard_ruleset(ifnames, vips, timeout)
+        self.ifnames = tuple(sorted(set(ifnames)))
+        self.timeout = timeout
+        self._sockets: list[tuple[socket.socket, bytes]] = []
+        self._installed = False
+        self._keepalives = self._errors = 0
+
+    async def install(self) -> None:
+        """Create (or replace) the table and open the sockets; :class:`VipError` if refused."""
+        self.close_sockets()  # installing again replaces everything
+        await _nft(self.script, "install the ARP guard")
+        self._installed = True
+        try:
+            for ifname in self.ifnames:
+                sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+                try:
+                    sock.bind((ifname, 0))
+                    mac = bytes(sock.getsockname()[4])
+                    sock.setblocking(False)
+                except OSError:
+                    sock.close()
+                    raise
+                self._sockets.append((sock, keepalive_frame(mac)))
+        except OSError as exc:
+            self.close_sockets()
+            raise VipError("open keepalive socket", str(exc), exc.errno) from exc
+
+    def keepalive(self) -> None:
+        """One frame per interface: the agent's loop is running (never raises)."""
+        for sock, frame in self._sockets:
+            try:
+                sock.send(frame)
+            except OSError as exc:
+                # The guard's rule drops the frame at egress, and the kernel
+                # reports that drop to the sender as ENOBUFS: the normal case.
+                if exc.errno != errno.ENOBUFS:
+                    self._errors += 1
+                    continue
+            self._keepalives += 1
+
+    async def remove(self) -> None:
+        """Delete the table (ARP for the VIPs answers as usual again) and close the sockets."""
+        self.close_sockets()
+        if self._installed:
+            self._installed = False
+            await _nft(f"delete table netdev {GUARD_TABLE}\n", "remove the ARP guard")
+
+    def close_sockets(self) -> None:
+        for sock, _ in self._sockets:
+            sock.close()
+        self._sockets.clear()
+
+    def statistics(self) -> GuardStats:
+        return GuardStats(self._installed, self._keepalives, self._errors)
+
+
+async def _nft(script: str, what: str) -> None:
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            "nft", "-f", "-",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+    except OSError as exc:
+        raise VipError(what, f"cannot run nft: {exc.strerror or exc}", exc.errno) from exc
+    try:
+        async with asyncio.timeout(_NFT_TIMEOUT):
+            _out, err = await proc.communicate(script.encode())
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise VipError(what, f"nft took more than {_NFT_TIMEOUT} s") from None
+    if proc.returncode != 0:
+        raise VipError(what, f"nft: {err.decode(errors='replace').strip()}")

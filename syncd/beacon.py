@@ -1,0 +1,298 @@
+"""UDP liveness beacons (BFD-like): wire format, sender and receiver state, pure.
+
+Why: a peer judged alive only by its gRPC stream looks dead whenever one lost
+TCP segment stalls the stream for an RTO, or whenever its asyncio loop is
+late with a heartbeat.  Like BFD (RFC 5880), each syncd also sends a small,
+independent, signed datagram to every peer every few milliseconds; a lost
+datagram costs nothing but itself.  This module is the pure part: encoding,
+decoding and the per-peer bookkeeping.  ``syncd.beacon_io`` owns the socket,
+the clock and the thread.
+
+Wire format (version 1, integers big-endian)::
+
+    offset  size  field
+    0       4     magic b"STKB"
+    4       1     version = 1
+    5       1     flags = 0 (reserved; nonzero is malformed)
+    6       4     epoch, u32: the sender's syncd epoch (grows at every start)
+    10      8     seq, u64: 1, 2, 3 ... per beacon built in that epoch
+    18      1     n = length of node_id
+    19      n     node_id, ASCII (syncd.records.check_node_id)
+    19+n    1     c = length of cluster_id
+    20+n    c     cluster_id, ASCII (syncd.config.check_cluster_id)
+    20+n+c  16    tag = HMAC-SHA256(key, bytes 0 .. 20+n+c)[:16]
+
+A datagram is exactly ``36 + n + c`` bytes: anything shorter, longer or with
+trailing bytes is ``malformed``.  With ``key=None`` (insecure test mode) the
+tag is 16 zero bytes and a receiver without a key demands exactly that, so a
+keyed and an unkeyed node reject each other's beacons (``mac``) instead of
+one of them silently accepting forgeries.
+
+Decoding order: magic, then version (it selects the layout, so an unknown
+version is reported as ``version`` rather than as a layout error; the worst a
+forger gets from that is a different drop counter), then the two lengths,
+then the tag, and only after the tag every other field.
+
+Replay protection: per peer, a beacon is accepted only if its
+``(epoch, seq)`` is strictly above the last accepted one.  An attacker who
+captured a beacon can replay it only before the sender's next one arrives.
+"""
+
+from __future__ import annotations
+
+import hmac
+import math
+import struct
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Final
+
+from syncd.config import check_cluster_id
+from syncd.errors import ConfigError, Misuse, PeerError
+from syncd.records import check_node_id
+
+MAGIC: Final = b"STKB"
+VERSION: Final = 1
+TAG_SIZE: Final = 16
+MAX_EPOCH: Final = (1 << 32) - 1
+MAX_SEQ: Final = (1 << 64) - 1
+
+# magic, version, flags, epoch, seq: the fixed part before the strings.
+_FIXED: Final = struct.Struct(">4sBBIQ")
+_OVERHEAD: Final = _FIXED.size + 1 + 1 + TAG_SIZE  # 36: everything but the two strings
+MIN_SIZE: Final = _OVERHEAD + 2  # both ids have at least one character
+MAX_SIZE: Final = _OVERHEAD + 255 + 255  # the u8 lengths allow this much (546 bytes)
+_ZERO_TAG: Final = bytes(TAG_SIZE)
+
+DECODE_REASONS: Final = ("malformed", "version", "mac")
+DROP_REASONS: Final = (*DECODE_REASONS, "cluster", "unknown_peer", "replay")
+
+
+class BeaconError(PeerError):
+    """A datagram is not a beacon we accept; ``reason`` is one of DECODE_REASONS."""
+
+
+@dataclass(frozen=True, slots=True)
+class Beacon:
+    cluster_id: str  # the sender's cluster; receivers of another cluster drop it
+    node_id: str  # the sender
+    epoch: int  # the sender's syncd epoch, 0..2**32-1
+    seq: int  # 1..2**64-1, +1 per beacon the sender built in this epoch
+
+    def __post_init__(self) -> None:
+        problem = _beacon_problem(self.cluster_id, self.node_id, self.epoch, self.seq)
+        if problem:
+            raise Misuse(f"bad beacon: {problem}")
+
+
+def _beacon_problem(cluster_id: str, node_id: str, epoch: int, seq: int) -> str:
+    """Why these fields cannot form a beacon, or "" if they can."""
+    if not check_cluster_id(cluster_id):
+        return f"cluster id {cluster_id!r}"
+    if not check_node_id(node_id):
+        return f"node id {node_id!r}"
+    if not 0 <= epoch <= MAX_EPOCH:
+        return f"epoch {epoch} outside 0..2**32-1"
+    if not 1 <= seq <= MAX_SEQ:
+        return f"seq {seq} outside 1..2**64-1"
+    return ""
+
+
+def _tag(body: bytes, key: bytes | None) -> bytes:
+    if key is None:
+        return _ZERO_TAG
+    if not key:
+        # hmac accepts an empty key; a node configured with one has no secret.
+        raise Misuse("beacon key must be None (insecure) or non-empty bytes")
+    return hmac.digest(key, body, "sha256")[:TAG_SIZE]
+
+
+def encode_beacon(b: Beacon, key: bytes | None) -> bytes:
+    """The datagram for ``b``, signed with ``key`` (None: zero tag, tests only)."""
+    node = b.node_id.encode("ascii")
+    cluster = b.cluster_id.encode("ascii")
+    body = b"".join(
+        (
+            _FIXED.pack(MAGIC, VERSION, 0, b.epoch, b.seq),
+            bytes((len(node),)),
+            node,
+            bytes((len(cluster),)),
+            cluster,
+        )
+    )
+    return body + _tag(body, key)
+
+
+def decode_beacon(data: bytes, key: bytes | None) -> Beacon:
+    """The beacon in ``data`` if its tag matches ``key``; else BeaconError(reason)."""
+    if not MIN_SIZE <= len(data) <= MAX_SIZE or data[:4] != MAGIC:
+        raise BeaconError("malformed", f"{len(data)} bytes")
+    if data[4] != VERSION:
+        raise BeaconError("version", f"version {data[4]}")
+    node_end = _FIXED.size + 1 + data[_FIXED.size]
+    # The node id's length byte may point at or past the end: then there is no room left.
+    if node_end >= len(data):
+        raise BeaconError("malformed", "node id overruns the datagram")
+    cluster_end = node_end + 1 + data[node_end]
+    if cluster_end + TAG_SIZE != len(data):
+        raise BeaconError("malformed", f"{len(data)} bytes, lengths say {cluster_end + TAG_SIZE}")
+    body = data[:cluster_end]
+    if not hmac.compare_digest(data[cluster_end:], _tag(body, key)):
+        raise BeaconError("mac")
+    # Authentic (or unkeyed) from here on: the other fields may be read.
+    _, _, flags, epoch, seq = _FIXED.unpack_from(data)
+    if flags != 0:
+        raise BeaconError("malformed", f"flags {flags:#x}")
+    try:
+        node_id = data[_FIXED.size + 1 : node_end].decode("ascii")
+        cluster_id = data[node_end + 1 : cluster_end].decode("ascii")
+    except UnicodeDecodeError:
+        raise BeaconError("malformed", "ids are not ASCII") from None
+    problem = _beacon_problem(cluster_id, node_id, epoch, seq)
+    if problem:
+        raise BeaconError("malformed", problem)
+    return Beacon(cluster_id=cluster_id, node_id=node_id, epoch=epoch, seq=seq)
+
+
+def _check_identity(cluster_id: str, node_id: str) -> None:
+    if not check_cluster_id(cluster_id):
+        raise ConfigError(f"beacons: bad cluster id {cluster_id!r}")
+    if not check_node_id(node_id):
+        raise ConfigError(f"beacons: bad node id {node_id!r}")
+
+
+# --- sender ------------------------------------------------------------------------------
+
+
+class BeaconSender:
+    """Builds this node's beacons: one payload per round, sent to every peer."""
+
+    def __init__(self, cluster_id: str, node_id: str, epoch: int, key: bytes | None) -> None:
+        _check_identity(cluster_id, node_id)
+        if not 0 <= epoch <= MAX_EPOCH:
+            raise ConfigError(f"beacons: epoch {epoch} outside 0..2**32-1")
+        if key is not None and not key:
+            raise ConfigError("beacons: key must be None (insecure) or non-empty")
+        self.cluster_id = cluster_id
+        self.node_id = node_id
+        self.epoch = epoch
+        self._key = key
+        self._seq = 0
+
+    @property
+    def seq(self) -> int:
+        """The seq of the last beacon built (0 before the first)."""
+        return self._seq
+
+    def next(self) -> bytes:
+        # 2**64 beacons at 100/s is 5.8e9 years: overflow is not a practical concern,
+        # but Beacon refuses it rather than wrapping into a replay.
+        self._seq += 1
+        return encode_beacon(
+            Beacon(self.cluster_id, self.node_id, self.epoch, self._seq), self._key
+        )
+
+
+def next_round(scheduled: float, now: float, interval: float) -> float:
+    """When the round after the one due at ``scheduled`` is due, given it ran at ``now``.
+
+    Rounds stay on the grid ``scheduled + k * interval`` (no drift from the time
+    each round took); a round late by more than an interval skips the missed
+    slots instead of sending them in a burst: the result is always > ``now``.
+    """
+    following = scheduled + interval
+    if following > now:
+        return following
+    following = scheduled + (math.floor((now - scheduled) / interval) + 1) * interval
+    return following if following > now else following + interval  # float rounding
+
+
+# --- receiver ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PeerBeaconStats:
+    received: int  # beacons accepted from this peer
+    lost: int  # seq gaps within one epoch (5 then 9: 3 lost); not counted across epochs
+    last_heard: float | None  # `now` of the last accepted beacon; None: never heard
+    epoch: int | None  # the peer's epoch in the last accepted beacon
+
+
+@dataclass(frozen=True, slots=True)
+class BeaconStats:
+    peers: Mapping[str, PeerBeaconStats]  # every current peer, heard or not
+    dropped: Mapping[str, int]  # datagrams refused, by reason (every DROP_REASONS key)
+
+
+@dataclass(slots=True)
+class _PeerState:
+    received: int = 0
+    lost: int = 0
+    last_heard: float | None = None
+    epoch: int | None = None
+    seq: int = 0  # last accepted seq in `epoch`
+
+
+class BeaconTracker:
+    """When each peer's beacon last arrived.  Single-threaded: callers lock around it."""
+
+    def __init__(self, cluster_id: str, node_id: str) -> None:
+        _check_identity(cluster_id, node_id)
+        self.cluster_id = cluster_id
+        self.node_id = node_id
+        self._peers: dict[str, _PeerState] = {}
+        self._dropped = Counter[str]()
+
+    def set_peers(self, peers: Iterable[str]) -> None:
+        """Track exactly ``peers`` (our own id is ignored): keep retained, forget removed."""
+        wanted = set(peers) - {self.node_id}
+        self._peers = {p: self._peers.get(p) or _PeerState() for p in sorted(wanted)}
+
+    def receive(self, data: bytes, key: bytes | None, now: float) -> str | None:
+        """The peer whose beacon ``data`` is accepted at ``now``; None if dropped (counted)."""
+        try:
+            beacon = decode_beacon(data, key)
+        except BeaconError as e:
+            self._dropped[e.reason] += 1
+            return None
+        reason = self._refusal(beacon)
+        if reason:
+            self._dropped[reason] += 1
+            return None
+        self._accept(self._peers[beacon.node_id], beacon, now)
+        return beacon.node_id
+
+    def _refusal(self, beacon: Beacon) -> str:
+        if beacon.cluster_id != self.cluster_id:
+            return "cluster"
+        state = self._peers.get(beacon.node_id)  # never holds our own id
+        if state is None:
+            return "unknown_peer"
+        if state.epoch is not None and (beacon.epoch, beacon.seq) <= (state.epoch, state.seq):
+            return "replay"
+        return ""
+
+    @staticmethod
+    def _accept(state: _PeerState, beacon: Beacon, now: float) -> None:
+        if beacon.epoch == state.epoch:
+            state.lost += beacon.seq - state.seq - 1
+        # else: first beacon heard of this epoch.  Its seq says nothing about loss:
+        # we may have started (or added the peer) long after the peer did.
+        state.epoch = beacon.epoch
+        state.seq = beacon.seq
+        state.received += 1
+        state.last_heard = now
+
+    def heard(self) -> dict[str, float]:
+        """Peer -> ``now`` of its last accepted beacon, for peers heard at least once."""
+        return {p: s.last_heard for p, s in self._peers.items() if s.last_heard is not None}
+
+    def statistics(self) -> BeaconStats:
+        return BeaconStats(
+            peers={
+                p: PeerBeaconStats(s.received, s.lost, s.last_heard, s.epoch)
+                for p, s in self._peers.items()
+            },
+            dropped={r: self._dropped[r] for r in DROP_REASONS},
+        )

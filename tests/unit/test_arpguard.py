@@ -1,0 +1,55 @@
+"""The ARP guard's pure parts: the nft script and the keepalive frame."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from cluster.arpguard import GUARD_TABLE, KEEPALIVE_ETHERTYPE, guard_ruleset, keepalive_frame
+from cluster.errors import Misuse
+
+
+def test_ruleset_replaces_the_table_and_guards_each_interface() -> None:
+    script = guard_ruleset(["up0", "down0", "up0"], ["10.1.0.1/24", "10.2.0.9", "fd00::1"], 0.5)
+    lines = script.splitlines()
+    # Declare, delete, declare again: one transaction replaces a leftover table.
+    assert lines[:3] == [
+        f"table netdev {GUARD_TABLE} {{}}",
+        f"delete table netdev {GUARD_TABLE}",
+        f"table netdev {GUARD_TABLE} {{",
+    ]
+    assert "  set vips { type ipv4_addr; elements = { 10.1.0.1, 10.2.0.9 }; }" in lines
+    assert script.count("hook egress") == 2  # up0 once
+    assert 'type filter hook egress device "down0" priority filter; policy accept;' in script
+    assert "ether type 0x88b5 update @alive { oifname timeout 500ms } drop" in script
+    assert script.count("arp saddr ip @vips oifname != @alive drop") == 2
+    assert "fd00::1" not in script  # IPv6 VIPs are not guarded (no ARP)
+
+
+def test_ruleset_without_ipv4_vips_has_an_empty_set() -> None:
+    assert "  set vips { type ipv4_addr; }" in guard_ruleset(["up0"], ["fd00::1"], 1.0)
+
+
+@pytest.mark.parametrize(
+    ("ifnames", "timeout"),
+    [
+        ([], 0.5),
+        (["up0"], 0.01),
+        (["bad name"], 0.5),
+        (['x"; flush ruleset'], 0.5),
+        (["a" * 16], 1),
+    ],
+)
+def test_ruleset_refuses_what_it_cannot_guard(ifnames: list[str], timeout: float) -> None:
+    with pytest.raises(Misuse):
+        guard_ruleset(ifnames, ["10.1.0.1"], timeout)
+
+
+def test_keepalive_frame() -> None:
+    mac = bytes.fromhex("02aabbccddee")
+    frame = keepalive_frame(mac)
+    assert len(frame) == 60 and frame[:12] == mac + mac
+    assert struct.unpack("!H", frame[12:14])[0] == KEEPALIVE_ETHERTYPE
+    with pytest.raises(Misuse):
+        keepalive_frame(b"\x00" * 5)
