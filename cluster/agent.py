@@ -27,6 +27,12 @@ tested in ``tests/unit/test_agent*.py``:
   from the watch), :func:`cluster.membership.should_fence`, or a loop stall
   longer than ``stall_limit``: drop every address first, then register
   again (a fresh lease and epoch) and go through syncing.
+* **ARP guard** (``cluster.arpguard``): shut while an isolation probe is
+  out (every peer fell silent: we may be the cut-off side, and the peers
+  claim our VIPs before the probe's deadline), reopened when etcd answers;
+  shut by syncd's beacon thread when a peer says it revoked us
+  (:meth:`Agent.revoked_notice` then fences); every reason is dropped when
+  we register again.
 * **etcd down**: fail static.  Keep VIPs, move nothing, revoke nobody,
   report it (status, events).
 * **Drain**: release all VIPs, wait until other nodes hold them (or
@@ -67,6 +73,7 @@ __all__ = [
     "ClaimVip",
     "DropVips",
     "Emit",
+    "GuardArp",
     "Leave",
     "Log",
     "ProbeEtcd",
@@ -80,6 +87,7 @@ __all__ = [
     "has_quorum",
 ]
 
+ISOLATED: Final = "isolated"  # GuardArp reason while an isolation probe is out
 _FAILOVER_FORGET: Final = 60.0  # a failover not completed within this is dropped
 _REGISTER_RETRY: Final = 0.5  # seconds between registration attempts
 _HEARD_KEEP: Final = 3600.0  # forget last-heard times of departed peers after this
@@ -145,6 +153,15 @@ class ProbeEtcd:
 
 
 @dataclass(frozen=True, slots=True)
+class GuardArp:
+    """Shut the ARP guard for ``reason`` now (``open=False``), or drop that
+    reason (``open=True``): ARP for the VIPs resumes once no reason is left."""
+
+    open: bool
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class UpdateRecord:
     """Publish our state (and the VIPs we hold) in our member record."""
 
@@ -186,7 +203,8 @@ class Emit:
 
 Action = (
     SetPeers | RevokePeer | ClaimVip | ReleaseVip | DropVips | Register | CheckLease
-    | ProbeEtcd | UpdateRecord | RefreshHolders | PublishStatus | Leave | Emit | Log
+    | ProbeEtcd | GuardArp | UpdateRecord | RefreshHolders | PublishStatus | Leave | Emit
+    | Log
 )  # fmt: skip
 
 
@@ -422,6 +440,18 @@ class Agent:
             actions.append(Emit("left", "lease lost while draining"))
         return [*actions, PublishStatus()]
 
+    def revoked_notice(self, peer: str, epoch: int, now: float) -> list[Action]:
+        """``peer``'s beacon says it revoked our membership ``epoch`` (``syncd.beacon``).
+
+        The same as losing the lease, learnt before our own watch says so: a
+        node that only looked dead (late beacons under load) takes its VIPs
+        off before the peer claims them.  A notice for an earlier epoch is old
+        news (we registered again since).
+        """
+        if self.epoch is None or epoch != self.epoch:
+            return []
+        return self.lease_lost(now, f"revoked by {peer}")
+
     def stalled(self, lag: float, now: float) -> list[Action]:
         """The event loop was late by ``lag`` seconds (a SIGSTOP, swap, a long GC)."""
         self._quiet_until = max(self._quiet_until, now + self.suspect_after)
@@ -597,20 +627,24 @@ class Agent:
         ):
             return []
         self._probing, self._probe_at = True, now
-        return [ProbeEtcd(self.config.isolation_probe)]
+        # Stop answering ARP for our VIPs while we ask: if we are the cut-off
+        # side, the peers claim them ~40 ms after they stopped hearing us, and
+        # the probe's deadline is longer than that.  etcd answering reopens it.
+        return [GuardArp(False, ISOLATED), ProbeEtcd(self.config.isolation_probe)]
 
     def etcd_probed(self, ok: bool, now: float, error: str = "") -> list[Action]:
         """The outcome of a :class:`ProbeEtcd`: fence at once if etcd is gone too."""
         self._probing = False
+        reopen: list[Action] = [GuardArp(True, ISOLATED)]
         if ok:
             self.health.succeeded(now)
-            return []
+            return reopen
         self.health.failed(now, error or "etcd probe timed out")
         live = self.state in (NodeState.SYNCING, NodeState.UP, NodeState.DRAINING)
         peers = set(self.membership.members()) - {self.node_id}
         if not live or not peers or not peers <= self.suspects(now):
-            return []  # someone spoke meanwhile: the tick decides as usual
-        return self._fence_isolated(now)
+            return reopen  # someone spoke meanwhile: the tick decides as usual
+        return self._fence_isolated(now)  # shut until we register again
 
     def _status_due(self, now: float, actions: list[Action]) -> list[Action]:
         if any(isinstance(a, PublishStatus) for a in actions):

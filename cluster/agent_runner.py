@@ -24,7 +24,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -35,6 +35,7 @@ from cluster.agent import (
     ClaimVip,
     DropVips,
     Emit,
+    GuardArp,
     Leave,
     Log,
     ProbeEtcd,
@@ -60,6 +61,9 @@ log = logging.getLogger("cluster.agent")
 
 _EVENT_QUEUE: Final = 256  # events waiting for etcd; older ones are dropped (counted)
 _WATCH_RETRY: Final = 0.2
+# Seconds our beacons keep telling a revoked peer so: one arriving fences it
+# (syncd.beacon); a live peer hears it within ms, a dead one never will.
+_NOTICE_KEEP: Final = 5.0
 
 
 class SyncView(Protocol):
@@ -73,6 +77,19 @@ class SyncView(Protocol):
 
     def beacons_heard(self) -> Mapping[str, float]:
         """Per peer, when its last liveness beacon arrived (monotonic); {} without beacons."""
+        ...
+
+    def on_revoked(self, hook: Callable[[str, int], None] | None) -> None:
+        """Call ``hook(peer, epoch)`` from any thread when a peer says it revoked
+        our membership ``epoch`` (beacon notices; never called without beacons)."""
+        ...
+
+    def set_own_epoch(self, epoch: int) -> None:
+        """Our membership epoch: the one notices must name to count."""
+        ...
+
+    def set_notices(self, notices: Mapping[str, int]) -> None:
+        """Tell each peer, as fast as we can, that we revoked this epoch of it."""
         ...
 
     def sync_progress(self) -> tuple[bool, float]:
@@ -135,6 +152,9 @@ class AgentRunner:
         self.last_failover_ms: float | None = None  # duration of the last failover event
         self._lease_lost_seen: object | None = None
         self._guard: ArpGuard | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # peer -> (its epoch we revoked, when): told in our beacons for a while.
+        self._notices: dict[str, tuple[int, float]] = {}
 
     # --- life cycle ----------------------------------------------------------------
 
@@ -152,6 +172,24 @@ class AgentRunner:
             self._guard = ArpGuard(list(self._managers), vips, self.config.arp_guard)
             await self._guard.install()
             self._guard.keepalive()
+        self._loop = asyncio.get_running_loop()
+        self.sync.on_revoked(self._revoked_in_thread)
+
+    def _revoked_in_thread(self, peer: str, epoch: int) -> None:
+        """A peer revoked us (beacon thread): stop ARP now, fence at the next tick.
+
+        The guard first, from this thread: our loop may be the slow part, and
+        the peer claims our VIPs ~40 ms after its revocation.
+        """
+        if self._guard is not None:
+            self._guard.shut("revoked")
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._revoked_notice, peer, epoch)
+
+    def _revoked_notice(self, peer: str, epoch: int) -> None:
+        log.warning("%s revoked our membership (epoch %d): fencing", peer, epoch)
+        self._pending += self.agent.revoked_notice(peer, epoch, time.monotonic())
 
     async def run(self) -> None:
         self._tasks = [
@@ -209,6 +247,8 @@ class AgentRunner:
             for action in self.agent.isolation_check(now):
                 if isinstance(action, ProbeEtcd):
                     await self._execute(await self._probe_etcd(action.timeout))
+                elif isinstance(action, GuardArp):
+                    await self._execute([action])
 
     async def _keepalive_loop(self) -> None:
         """Keep the ARP guard open while this loop runs (cluster.arpguard)."""
@@ -240,6 +280,7 @@ class AgentRunner:
 
     async def close(self, leave: bool = True) -> None:
         """Stop the tasks, take our VIPs down and give the lease back (``leave``)."""
+        self.sync.on_revoked(None)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -282,6 +323,7 @@ class AgentRunner:
 
     async def _step(self, now: float) -> None:
         agent = self.agent
+        self._expire_notices(now)
         self._feed_health()
         lost = self.etcd.lease_lost
         if lost is not None and lost is not self._lease_lost_seen:
@@ -300,6 +342,17 @@ class AgentRunner:
         now = time.monotonic()
         self._feed_heard(now)
         await self._execute(agent.tick(now))
+
+    def _expire_notices(self, now: float) -> None:
+        """Stop telling a revoked peer after _NOTICE_KEEP: it fenced, or it is dead."""
+        old = [p for p, (_, at) in self._notices.items() if now - at > _NOTICE_KEEP]
+        for peer in old:
+            del self._notices[peer]
+        if old:
+            self._push_notices()
+
+    def _push_notices(self) -> None:
+        self.sync.set_notices({peer: epoch for peer, (epoch, _) in self._notices.items()})
 
     def _feed_heard(self, now: float) -> None:
         """A peer is heard if its sync stream or its UDP beacons brought anything.
@@ -368,6 +421,9 @@ class AgentRunner:
                 ok = False
             else:
                 log.warning("revoked %s (epoch %d): %s", action.node_id, action.epoch, ok)
+            if ok:  # tell it in our beacons: it may be alive, and must stop answering ARP
+                self._notices[action.node_id] = (action.epoch, now())
+                self._push_notices()
             return agent.revoke_result(action.node_id, action.epoch, ok, now())
         elif isinstance(action, SetPeers):
             self.sync.set_peers(action.peers)
@@ -387,6 +443,12 @@ class AgentRunner:
                 return agent.lease_lost(now(), str(exc))
             except (EtcdError, ClusterError) as exc:
                 log.info("lease check: %s", exc)
+        elif isinstance(action, GuardArp):
+            if self._guard is not None:
+                if action.open:
+                    self._guard.reopen(action.reason)
+                else:
+                    self._guard.shut(action.reason)
         elif isinstance(action, ProbeEtcd):  # normally run by _isolation_loop
             return await self._probe_etcd(action.timeout)
         elif isinstance(action, UpdateRecord):
@@ -488,6 +550,9 @@ class AgentRunner:
             log.warning("register (%s) failed: %s", reason, exc)
             return self.agent.register_failed(now(), str(exc))
         self._lease_lost_seen = None
+        self.sync.set_own_epoch(record.epoch)
+        if self._guard is not None:
+            self._guard.reopen()  # after a revocation notice shut it: a new membership
         log.info("registered (%s): epoch %d", reason, record.epoch)
         return self.agent.registered(record.epoch, now())
 

@@ -12,6 +12,7 @@ How.  An nftables table in the node's network namespace, on the egress hook
 of every VIP interface::
 
     ether type 0x88b5 update @alive { oifname timeout T } drop
+    ether type 0x88b6 delete @alive { oifname } drop
     arp saddr ip @vips oifname != @alive drop
 
 The agent sends one frame of the local experimental ethertype 0x88b5
@@ -26,6 +27,17 @@ while addresses, routes and forwarding stay as they are.  When the agent
 runs again, its first keepalive re-opens ARP, and it fences (addresses off)
 on the stall it measured, as before.
 
+Shutting at once.  A node that is alive but was revoked (its peers stopped
+hearing it for a moment) must stop answering before they claim its VIPs,
+~40 ms after the revocation, and its event loop may be the slow part.  So
+:meth:`ArpGuard.shut` (thread-safe, called from syncd's beacon thread when a
+peer's beacon says it revoked us) sends one frame of ethertype 0x88b6 per
+interface, whose rule deletes the element: ARP stops within microseconds,
+and keepalives stay off until :meth:`ArpGuard.reopen` (the agent registers
+again).  The agent also shuts it while it asks etcd whether it is the
+isolated one (every peer fell silent at once), and reopens it if etcd
+answers.
+
 IPv6 VIPs (neighbour advertisements) are not covered yet.
 
 :func:`guard_ruleset` is pure (the nft script); :class:`ArpGuard` is the
@@ -37,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -48,6 +61,7 @@ __all__ = ["GUARD_TABLE", "KEEPALIVE_ETHERTYPE", "ArpGuard", "GuardStats", "guar
 
 GUARD_TABLE: Final = "stockade_vips"  # netdev family, one per network namespace
 KEEPALIVE_ETHERTYPE: Final = 0x88B5  # IEEE 802 local experimental ethertype 1
+SHUT_ETHERTYPE: Final = 0x88B6  # IEEE 802 local experimental ethertype 2
 _NFT_TIMEOUT: Final = 10.0  # seconds an `nft -f` may take before it is a failure
 
 
@@ -78,6 +92,7 @@ def guard_ruleset(ifnames: Sequence[str], vips: Sequence[str], timeout: float) -
             f'    type filter hook egress device "{ifname}" priority filter; policy accept;',
             f"    ether type {KEEPALIVE_ETHERTYPE:#06x} update @alive {{ oifname timeout {ms}ms }} "
             "drop",
+            f"    ether type {SHUT_ETHERTYPE:#06x} delete @alive {{ oifname }} drop",
             "    arp saddr ip @vips oifname != @alive drop",
             "  }",
         ]
@@ -91,11 +106,13 @@ def _check_ifname(ifname: str) -> None:
         raise Misuse(f"interface name {ifname!r} cannot be guarded")
 
 
-def keepalive_frame(mac: bytes) -> bytes:
-    """An Ethernet frame of the keepalive ethertype from and to ``mac`` (padded to 60 bytes)."""
+def keepalive_frame(mac: bytes, ethertype: int = KEEPALIVE_ETHERTYPE) -> bytes:
+    """An Ethernet frame of ``ethertype`` from and to ``mac`` (padded to 60 bytes)."""
     if len(mac) != 6:
         raise Misuse("keepalive_frame: a MAC is 6 bytes")
-    header = mac + mac + KEEPALIVE_ETHERTYPE.to_bytes(2, "big")
+    if ethertype not in (KEEPALIVE_ETHERTYPE, SHUT_ETHERTYPE):
+        raise Misuse(f"keepalive_frame: ethertype {ethertype:#06x} is not the guard's")
+    header = mac + mac + ethertype.to_bytes(2, "big")
     return header + b"STKA" + bytes(60 - len(header) - 4)
 
 
@@ -104,6 +121,8 @@ class GuardStats:
     installed: bool
     keepalives: int  # frames handed to the kernel
     errors: int  # keepalives the kernel refused (counted, never raised)
+    shut: tuple[str, ...]  # why shut() closed it (keepalives are not sent); (): open
+    shuts: int  # shut() calls that closed an open guard
 
 
 class ArpGuard:
@@ -113,15 +132,22 @@ class ArpGuard:
         self.script = guard_ruleset(ifnames, vips, timeout)
         self.ifnames = tuple(sorted(set(ifnames)))
         self.timeout = timeout
-        self._sockets: list[tuple[socket.socket, bytes]] = []
+        # (socket, keepalive frame, shut frame) per interface; replaced whole,
+        # never mutated: shut() reads it from another thread.
+        self._sockets: tuple[tuple[socket.socket, bytes, bytes], ...] = ()
         self._installed = False
-        self._keepalives = self._errors = 0
+        self._keepalives = self._errors = self._shuts = 0
+        # Why the guard is shut ("revoked", "isolated"); empty: open.  Replaced
+        # whole under the lock; keepalive() reads it without.
+        self._reasons: frozenset[str] = frozenset()
+        self._lock = threading.Lock()
 
     async def install(self) -> None:
         """Create (or replace) the table and open the sockets; :class:`VipError` if refused."""
         self.close_sockets()  # installing again replaces everything
         await _nft(self.script, "install the ARP guard")
         self._installed = True
+        opened: list[tuple[socket.socket, bytes, bytes]] = []
         try:
             for ifname in self.ifnames:
                 sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
@@ -132,23 +158,58 @@ class ArpGuard:
                 except OSError:
                     sock.close()
                     raise
-                self._sockets.append((sock, keepalive_frame(mac)))
+                opened.append((sock, keepalive_frame(mac), keepalive_frame(mac, SHUT_ETHERTYPE)))
         except OSError as exc:
-            self.close_sockets()
+            for sock, _, _ in opened:
+                sock.close()
             raise VipError("open keepalive socket", str(exc), exc.errno) from exc
+        self._sockets = tuple(opened)
 
     def keepalive(self) -> None:
-        """One frame per interface: the agent's loop is running (never raises)."""
-        for sock, frame in self._sockets:
-            try:
-                sock.send(frame)
-            except OSError as exc:
-                # The guard's rule drops the frame at egress, and the kernel
-                # reports that drop to the sender as ENOBUFS: the normal case.
-                if exc.errno != errno.ENOBUFS:
-                    self._errors += 1
-                    continue
-            self._keepalives += 1
+        """One frame per interface: the agent's loop is running (never raises).
+
+        Nothing is sent while the guard is shut (:meth:`shut`).
+        """
+        if self._reasons:
+            return
+        for sock, frame, _ in self._sockets:
+            if self._send(sock, frame):
+                self._keepalives += 1
+        if self._reasons:
+            # shut() ran in another thread between the check above and the
+            # sends: ours may have re-opened ARP after its frame.  Close again.
+            self._send_shut()
+
+    def shut(self, reason: str) -> None:
+        """Stop ARP for the VIPs now, and keep it stopped until ``reason`` is reopened.
+
+        Thread-safe (syncd's beacon thread calls it) and never raises.
+        """
+        with self._lock:
+            if not self._reasons:
+                self._shuts += 1
+            self._reasons = self._reasons | {reason}  # before the frames: see keepalive()
+        self._send_shut()
+
+    def reopen(self, reason: str | None = None) -> None:
+        """Drop ``reason`` (None: every reason); keepalives open ARP once none is left."""
+        with self._lock:
+            self._reasons = frozenset() if reason is None else self._reasons - {reason}
+
+    def _send_shut(self) -> None:
+        for sock, _, frame in self._sockets:
+            self._send(sock, frame)
+
+    def _send(self, sock: socket.socket, frame: bytes) -> bool:
+        try:
+            sock.send(frame)
+        except OSError as exc:
+            # The guard's rules drop the frame at egress, and the kernel
+            # reports that drop to the sender as ENOBUFS: the normal case.
+            if exc.errno != errno.ENOBUFS:
+                self._errors += 1
+                return False
+        return True
 
     async def remove(self) -> None:
         """Delete the table (ARP for the VIPs answers as usual again) and close the sockets."""
@@ -158,12 +219,18 @@ class ArpGuard:
             await _nft(f"delete table netdev {GUARD_TABLE}\n", "remove the ARP guard")
 
     def close_sockets(self) -> None:
-        for sock, _ in self._sockets:
+        sockets, self._sockets = self._sockets, ()
+        for sock, _, _ in sockets:
             sock.close()
-        self._sockets.clear()
 
     def statistics(self) -> GuardStats:
-        return GuardStats(self._installed, self._keepalives, self._errors)
+        return GuardStats(
+            self._installed,
+            self._keepalives,
+            self._errors,
+            tuple(sorted(self._reasons)),
+            self._shuts,
+        )
 
 
 async def _nft(script: str, what: str) -> None:

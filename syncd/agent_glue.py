@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from cluster.agent_runner import AgentRunner
@@ -63,6 +63,18 @@ class _View:
     def beacons_heard(self) -> Mapping[str, float]:
         beacons = self.node.beacons
         return beacons.heard() if beacons is not None else {}
+
+    def on_revoked(self, hook: Callable[[str, int], None] | None) -> None:
+        if self.node.beacons is not None:
+            self.node.beacons.on_revoked(hook)
+
+    def set_own_epoch(self, epoch: int) -> None:
+        if self.node.beacons is not None:
+            self.node.beacons.set_own_epoch(epoch)
+
+    def set_notices(self, notices: Mapping[str, int]) -> None:
+        if self.node.beacons is not None:
+            self.node.beacons.set_notices(notices)
 
     def sync_progress(self) -> tuple[bool, float]:
         links = self.node.links.values()

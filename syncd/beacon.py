@@ -8,22 +8,33 @@ datagram costs nothing but itself.  This module is the pure part: encoding,
 decoding and the per-peer bookkeeping.  ``syncd.beacon_io`` owns the socket,
 the clock and the thread.
 
-Wire format (version 1, integers big-endian)::
+Wire format (version 2, integers big-endian)::
 
     offset  size  field
     0       4     magic b"STKB"
-    4       1     version = 1
+    4       1     version = 2
     5       1     flags = 0 (reserved; nonzero is malformed)
     6       4     epoch, u32: the sender's syncd epoch (grows at every start)
     10      8     seq, u64: 1, 2, 3 ... per beacon built in that epoch
-    18      1     n = length of node_id
-    19      n     node_id, ASCII (syncd.records.check_node_id)
-    19+n    1     c = length of cluster_id
-    20+n    c     cluster_id, ASCII (syncd.config.check_cluster_id)
-    20+n+c  16    tag = HMAC-SHA256(key, bytes 0 .. 20+n+c)[:16]
+    18      8     revoked, u64: the recipient's cluster epoch (its membership
+                  incarnation) whose lease the sender has revoked; 0: none
+    26      1     n = length of node_id
+    27      n     node_id, ASCII (syncd.records.check_node_id)
+    27+n    1     c = length of cluster_id
+    28+n    c     cluster_id, ASCII (syncd.config.check_cluster_id)
+    28+n+c  16    tag = HMAC-SHA256(key, bytes 0 .. 28+n+c)[:16]
 
-A datagram is exactly ``36 + n + c`` bytes: anything shorter, longer or with
-trailing bytes is ``malformed``.  With ``key=None`` (insecure test mode) the
+A datagram is exactly ``44 + n + c`` bytes: anything shorter, longer or with
+trailing bytes is ``malformed``.
+
+Why ``revoked``.  A peer that merely looked dead (its beacons late under
+load) is revoked and its VIPs claimed within ~40 ms.  If it is alive it must
+stop answering ARP for them first; its etcd watch tells it, but only as fast
+as its event loop runs.  The taker's next beacons (every 10 ms, to that peer
+alone) carry the revoked incarnation, and the peer's beacon thread closes
+its ARP guard the moment one arrives, without waiting for its loop
+(``syncd.beacon_io``, ``cluster.arpguard``).  The field is signed like the
+rest: nobody without the key can fence a node this way.  With ``key=None`` (insecure test mode) the
 tag is 16 zero bytes and a receiver without a key demands exactly that, so a
 keyed and an unkeyed node reject each other's beacons (``mac``) instead of
 one of them silently accepting forgeries.
@@ -53,16 +64,16 @@ from syncd.errors import ConfigError, Misuse, PeerError
 from syncd.records import check_node_id
 
 MAGIC: Final = b"STKB"
-VERSION: Final = 1
+VERSION: Final = 2
 TAG_SIZE: Final = 16
 MAX_EPOCH: Final = (1 << 32) - 1
 MAX_SEQ: Final = (1 << 64) - 1
 
 # magic, version, flags, epoch, seq: the fixed part before the strings.
-_FIXED: Final = struct.Struct(">4sBBIQ")
-_OVERHEAD: Final = _FIXED.size + 1 + 1 + TAG_SIZE  # 36: everything but the two strings
+_FIXED: Final = struct.Struct(">4sBBIQQ")
+_OVERHEAD: Final = _FIXED.size + 1 + 1 + TAG_SIZE  # 44: everything but the two strings
 MIN_SIZE: Final = _OVERHEAD + 2  # both ids have at least one character
-MAX_SIZE: Final = _OVERHEAD + 255 + 255  # the u8 lengths allow this much (546 bytes)
+MAX_SIZE: Final = _OVERHEAD + 255 + 255  # the u8 lengths allow this much (554 bytes)
 _ZERO_TAG: Final = bytes(TAG_SIZE)
 
 DECODE_REASONS: Final = ("malformed", "version", "mac")
@@ -79,14 +90,15 @@ class Beacon:
     node_id: str  # the sender
     epoch: int  # the sender's syncd epoch, 0..2**32-1
     seq: int  # 1..2**64-1, +1 per beacon the sender built in this epoch
+    revoked: int = 0  # the recipient's cluster epoch the sender revoked; 0: none
 
     def __post_init__(self) -> None:
-        problem = _beacon_problem(self.cluster_id, self.node_id, self.epoch, self.seq)
+        problem = _beacon_problem(self.cluster_id, self.node_id, self.epoch, self.seq, self.revoked)
         if problem:
             raise Misuse(f"bad beacon: {problem}")
 
 
-def _beacon_problem(cluster_id: str, node_id: str, epoch: int, seq: int) -> str:
+def _beacon_problem(cluster_id: str, node_id: str, epoch: int, seq: int, revoked: int) -> str:
     """Why these fields cannot form a beacon, or "" if they can."""
     if not check_cluster_id(cluster_id):
         return f"cluster id {cluster_id!r}"
@@ -96,6 +108,8 @@ def _beacon_problem(cluster_id: str, node_id: str, epoch: int, seq: int) -> str:
         return f"epoch {epoch} outside 0..2**32-1"
     if not 1 <= seq <= MAX_SEQ:
         return f"seq {seq} outside 1..2**64-1"
+    if not 0 <= revoked <= MAX_SEQ:
+        return f"revoked {revoked} outside 0..2**64-1"
     return ""
 
 
@@ -114,7 +128,7 @@ def encode_beacon(b: Beacon, key: bytes | None) -> bytes:
     cluster = b.cluster_id.encode("ascii")
     body = b"".join(
         (
-            _FIXED.pack(MAGIC, VERSION, 0, b.epoch, b.seq),
+            _FIXED.pack(MAGIC, VERSION, 0, b.epoch, b.seq, b.revoked),
             bytes((len(node),)),
             node,
             bytes((len(cluster),)),
@@ -141,7 +155,7 @@ def decode_beacon(data: bytes, key: bytes | None) -> Beacon:
     if not hmac.compare_digest(data[cluster_end:], _tag(body, key)):
         raise BeaconError("mac")
     # Authentic (or unkeyed) from here on: the other fields may be read.
-    _, _, flags, epoch, seq = _FIXED.unpack_from(data)
+    _, _, flags, epoch, seq, revoked = _FIXED.unpack_from(data)
     if flags != 0:
         raise BeaconError("malformed", f"flags {flags:#x}")
     try:
@@ -149,10 +163,10 @@ def decode_beacon(data: bytes, key: bytes | None) -> Beacon:
         cluster_id = data[node_end + 1 : cluster_end].decode("ascii")
     except UnicodeDecodeError:
         raise BeaconError("malformed", "ids are not ASCII") from None
-    problem = _beacon_problem(cluster_id, node_id, epoch, seq)
+    problem = _beacon_problem(cluster_id, node_id, epoch, seq, revoked)
     if problem:
         raise BeaconError("malformed", problem)
-    return Beacon(cluster_id=cluster_id, node_id=node_id, epoch=epoch, seq=seq)
+    return Beacon(cluster_id, node_id, epoch, seq, revoked)
 
 
 def _check_identity(cluster_id: str, node_id: str) -> None:
@@ -166,7 +180,11 @@ def _check_identity(cluster_id: str, node_id: str) -> None:
 
 
 class BeaconSender:
-    """Builds this node's beacons: one payload per round, sent to every peer."""
+    """Builds this node's beacons: one seq per round, sent to every peer.
+
+    The payload is the same for every peer except one with a revocation
+    notice (``revoked``): that peer's copy carries its revoked epoch.
+    """
 
     def __init__(self, cluster_id: str, node_id: str, epoch: int, key: bytes | None) -> None:
         _check_identity(cluster_id, node_id)
@@ -186,12 +204,18 @@ class BeaconSender:
         return self._seq
 
     def next(self) -> bytes:
+        """Start a round: the payload for peers without a notice."""
         # 2**64 beacons at 100/s is 5.8e9 years: overflow is not a practical concern,
         # but Beacon refuses it rather than wrapping into a replay.
         self._seq += 1
-        return encode_beacon(
-            Beacon(self.cluster_id, self.node_id, self.epoch, self._seq), self._key
-        )
+        return self.notice(0)
+
+    def notice(self, revoked: int) -> bytes:
+        """This round's payload for a peer whose cluster epoch ``revoked`` we revoked."""
+        if self._seq == 0:
+            raise Misuse("BeaconSender.notice before next()")
+        beacon = Beacon(self.cluster_id, self.node_id, self.epoch, self._seq, revoked)
+        return encode_beacon(beacon, self._key)
 
 
 def next_round(scheduled: float, now: float, interval: float) -> float:
@@ -217,6 +241,7 @@ class PeerBeaconStats:
     lost: int  # seq gaps within one epoch (5 then 9: 3 lost); not counted across epochs
     last_heard: float | None  # `now` of the last accepted beacon; None: never heard
     epoch: int | None  # the peer's epoch in the last accepted beacon
+    revoked: int  # our cluster epoch the peer says it revoked, last beacon; 0: none
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +257,7 @@ class _PeerState:
     last_heard: float | None = None
     epoch: int | None = None
     seq: int = 0  # last accepted seq in `epoch`
+    revoked: int = 0  # `revoked` of the last accepted beacon
 
 
 class BeaconTracker:
@@ -283,15 +309,21 @@ class BeaconTracker:
         state.seq = beacon.seq
         state.received += 1
         state.last_heard = now
+        state.revoked = beacon.revoked
 
     def heard(self) -> dict[str, float]:
         """Peer -> ``now`` of its last accepted beacon, for peers heard at least once."""
         return {p: s.last_heard for p, s in self._peers.items() if s.last_heard is not None}
 
+    def revoked_by(self, peer: str) -> int:
+        """Our cluster epoch that ``peer``'s last accepted beacon says it revoked (0: none)."""
+        state = self._peers.get(peer)
+        return state.revoked if state is not None else 0
+
     def statistics(self) -> BeaconStats:
         return BeaconStats(
             peers={
-                p: PeerBeaconStats(s.received, s.lost, s.last_heard, s.epoch)
+                p: PeerBeaconStats(s.received, s.lost, s.last_heard, s.epoch, s.revoked)
                 for p, s in self._peers.items()
             },
             dropped={r: self._dropped[r] for r in DROP_REASONS},

@@ -15,6 +15,13 @@ limit, 0.5 s by default).  Beyond that each round is counted ``suppressed``;
 sending resumes with the next ``loop_alive``.  Receiving never stops: what we
 heard from peers stays true whatever our loop does.
 
+Revocation notices (``syncd.beacon``, field ``revoked``).  The owner says
+which peers' cluster epochs it revoked (:meth:`BeaconService.set_notices`)
+and what its own cluster epoch is (:meth:`BeaconService.set_own_epoch`).
+When a peer's beacon says it revoked our current epoch, the thread calls the
+:meth:`BeaconService.on_revoked` hook itself, once per epoch, without waiting for the
+owner's loop: that is the point (the agent closes its ARP guard there).
+
 The thread never dies of an error: a failed ``sendto`` (EPERM from an
 iptables DROP on OUTPUT, ENETUNREACH, EAGAIN) is counted by errno name, and
 any unexpected exception is logged, counted (``thread_errors``) and followed
@@ -37,7 +44,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from syncd.beacon import BeaconSender, BeaconStats, BeaconTracker, next_round
+from syncd.beacon import MAX_SEQ, BeaconSender, BeaconStats, BeaconTracker, next_round
 from syncd.errors import ConfigError, Misuse
 
 log = logging.getLogger("syncd.beacon")
@@ -58,6 +65,7 @@ class BeaconIoStats:
     suppressed: int  # rounds not sent: the owner's loop had not called loop_alive in time
     rounds: int  # send rounds due so far (sent or suppressed)
     thread_errors: int  # unexpected exceptions caught in the thread (each is a bug)
+    revoked_heard: int  # peers' notices that they revoked our current epoch (hook calls)
     running: bool  # the thread is alive (False before start, after stop, or if it died)
 
 
@@ -108,6 +116,11 @@ class BeaconService:
         # Replaced whole by set_peers; the thread reads one snapshot per round.
         self._peers: dict[str, tuple[str, int] | None] = {}
         self._last_alive = -math.inf
+        self._on_revoked: Callable[[str, int], None] | None = None
+        self._own_epoch = 0  # our cluster epoch (membership incarnation); 0: none yet
+        self._notices: dict[str, int] = {}  # peer -> its cluster epoch we revoked
+        self._revoked_fired = 0  # the own epoch whose revocation was reported
+        self._revoked_heard = 0
         self._sent = 0
         self._send_errors = Counter[str]()
         self._recv_errors = Counter[str]()
@@ -194,6 +207,25 @@ class BeaconService:
         """The owner's event loop is running at ``now`` (same clock as ``clock``)."""
         self._last_alive = now  # one float store: atomic under the GIL
 
+    def on_revoked(self, hook: Callable[[str, int], None] | None) -> None:
+        """Call ``hook(peer, epoch)`` from the beacon thread when a peer's beacon
+        says it revoked our current cluster epoch (once per epoch).  The hook
+        must be quick and thread-safe; an exception from it is a thread error."""
+        self._on_revoked = hook
+
+    def set_own_epoch(self, epoch: int) -> None:
+        """Our current cluster epoch: notices naming it fire ``on_revoked`` (0: none)."""
+        if not 0 <= epoch <= MAX_SEQ:
+            raise Misuse(f"beacons: own epoch {epoch} outside 0..2**64-1")
+        self._own_epoch = epoch  # one int store: atomic under the GIL
+
+    def set_notices(self, notices: Mapping[str, int]) -> None:
+        """Tell each of these peers, in every beacon, that we revoked this epoch of it."""
+        for peer, epoch in notices.items():
+            if not 1 <= epoch <= MAX_SEQ:
+                raise Misuse(f"beacons: notice for {peer}: epoch {epoch} outside 1..2**64-1")
+        self._notices = dict(notices)  # replaced whole: the thread reads one snapshot
+
     def heard(self) -> dict[str, float]:
         """Peer -> clock time of its last accepted beacon (peers heard at least once)."""
         with self._lock:
@@ -209,6 +241,7 @@ class BeaconService:
                 suppressed=self._suppressed,
                 rounds=self._rounds,
                 thread_errors=self._thread_errors,
+                revoked_heard=self._revoked_heard,
                 running=self._thread is not None and self._thread.is_alive(),
             )
 
@@ -256,10 +289,21 @@ class BeaconService:
             datagrams.append(data)
         if not datagrams:
             return
+        own = self._own_epoch
+        revoked_by: str | None = None
         with self._lock:
             now = self._clock()
             for data in datagrams:
-                self._tracker.receive(data, self._key, now)
+                peer = self._tracker.receive(data, self._key, now)
+                if peer is not None and own and self._tracker.revoked_by(peer) == own:
+                    revoked_by = peer
+            if revoked_by is not None and self._revoked_fired != own:
+                self._revoked_fired = own
+                self._revoked_heard += 1
+            else:
+                revoked_by = None
+        if revoked_by is not None and self._on_revoked is not None:
+            self._on_revoked(revoked_by, own)  # outside the lock: it may call back in
 
     def _round(self, now: float) -> None:
         if now - self._last_alive > self._alive_within:
@@ -269,14 +313,16 @@ class BeaconService:
             return
         assert self._sock is not None
         payload = self._sender.next()
+        notices = self._notices  # one snapshot each: the setters replace the dicts
         sent = 0
         errors = Counter[str]()
-        for addr in self._peers.values():  # one snapshot: set_peers replaces the dict
+        for peer, addr in self._peers.items():
             if addr is None:
                 errors["EAFNOSUPPORT"] += 1
                 continue
+            revoked = notices.get(peer, 0)
             try:
-                self._sock.sendto(payload, addr)
+                self._sock.sendto(self._sender.notice(revoked) if revoked else payload, addr)
                 sent += 1
             except OSError as e:
                 errors[_errno_name(e)] += 1

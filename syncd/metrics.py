@@ -44,7 +44,8 @@ these, and tests/unit/test_sync_metrics.py keeps the two equal:
 * ``stockade_sync_beacon_thread_running``, ``_beacons_sent_total``,
   ``_beacons_suppressed_total``, ``_beacons_received_total`` {peer},
   ``_beacons_lost_total`` {peer}, ``_beacons_dropped_total`` {reason},
-  ``_beacon_send_errors_total`` {errno}, ``_beacon_thread_errors_total``:
+  ``_beacon_send_errors_total`` {errno}, ``_beacon_thread_errors_total``,
+  ``_beacon_revocations_heard_total``:
   the UDP liveness beacons (``syncd.beacon``), only while beacons run.
 * ``stockade_sync_loop_lag_max_seconds``: only with a
   ``SyncMetricSources.loop_lag_max_seconds`` source, which
@@ -236,6 +237,9 @@ def _beacons(f: _Families, s: BeaconIoStats) -> None:
               errors)  # fmt: skip
     f.counter("beacon_thread_errors_total", "Unexpected errors caught in the beacon thread.",
               [], [(s.thread_errors,)])  # fmt: skip
+    f.counter("beacon_revocations_heard_total",
+              "Peers' beacons saying they revoked our membership (ARP guard closed at once).",
+              [], [(s.revoked_heard,)])  # fmt: skip
 
 
 def _lag(f: _Families, peers: Mapping[str, PeerStats]) -> None:

@@ -116,6 +116,36 @@ def test_arp_for_the_vip_stops_when_keepalives_stop_and_resumes(pair: tuple[str,
     assert _answers(router, VIP)  # guard gone: answering as before
 
 
+def test_shut_stops_arp_at_once_and_keepalives_stay_off_until_reopen(
+    pair: tuple[str, str],
+) -> None:
+    """A revoked node's beacon thread shuts the guard: no waiting for the timeout."""
+    node, router = pair
+
+    async def scenario() -> list[tuple[str, bool]]:
+        seen: list[tuple[str, bool]] = []
+        guard = ArpGuard(["up0"], [f"{VIP}/24"], timeout=5.0)  # expiry plays no part here
+        await guard.install()
+        try:
+            guard.keepalive()
+            seen.append(("alive", _answers(router, VIP)))
+            guard.shut("revoked")
+            seen.append(("shut", _answers(router, VIP)))
+            guard.keepalive()  # the loop carries on: it must not re-open ARP
+            seen.append(("keepalive while shut", _answers(router, VIP)))
+            guard.reopen("revoked")
+            guard.keepalive()
+            seen.append(("reopened", _answers(router, VIP)))
+        finally:
+            await guard.remove()
+        return seen
+
+    seen = _in_node(node, scenario)
+    assert seen == [
+        ("alive", True), ("shut", False), ("keepalive while shut", False), ("reopened", True)
+    ]  # fmt: skip
+
+
 def test_the_node_keeps_forwarding_and_its_own_address_answers(pair: tuple[str, str]) -> None:
     """Only ARP with a VIP as sender is held back: other addresses of the node answer."""
     node, router = pair

@@ -153,6 +153,30 @@ def test_a_stuck_owner_loop_suppresses_sending_until_it_runs_again(trio: Trio) -
     assert trio.services["fw3"].statistics().suppressed - suppressed < ALIVE_WITHIN / 0.01 + 10
 
 
+def test_a_revocation_notice_reaches_only_its_peer_and_fires_once_per_epoch(trio: Trio) -> None:
+    fired: list[tuple[str, str, int]] = []
+    for name, service in trio.services.items():
+        service.on_revoked(lambda peer, epoch, me=name: fired.append((me, peer, epoch)))
+    trio.services["fw3"].set_own_epoch(4)
+    trio.services["fw2"].set_own_epoch(4)  # same number, but fw1 revokes only fw3
+    trio.services["fw1"].set_notices({"fw3": 3})  # an older incarnation of fw3: no effect
+    time.sleep(0.1)
+    assert fired == []
+    trio.services["fw1"].set_notices({"fw3": 4})
+    wait_for("fw3 hears that fw1 revoked it", lambda: bool(fired))
+    time.sleep(0.1)  # ten more notices arrive: still one call
+    assert fired == [("fw3", "fw1", 4)]
+    assert trio.services["fw3"].statistics().revoked_heard == 1
+    assert trio.services["fw2"].statistics().revoked_heard == 0
+    trio.services["fw3"].set_own_epoch(5)  # it registered again
+    time.sleep(0.1)
+    assert len(fired) == 1
+    trio.services["fw1"].set_notices({"fw3": 5})
+    wait_for("the new incarnation's revocation is heard too", lambda: len(fired) == 2)
+    with pytest.raises(Misuse):
+        trio.services["fw1"].set_notices({"fw3": 0})
+
+
 def test_hostile_datagrams_are_counted_and_never_accepted(trio: Trio) -> None:
     fw1, fw2 = trio.services["fw1"], trio.services["fw2"]
     with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_DGRAM)) as spy:

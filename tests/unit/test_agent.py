@@ -17,6 +17,7 @@ from cluster.agent import (
     ClaimVip,
     DropVips,
     Emit,
+    GuardArp,
     Leave,
     Log,
     ProbeEtcd,
@@ -261,13 +262,15 @@ def test_every_peer_silent_probes_etcd_and_fences_at_once_if_it_is_gone_too() ->
         agent.heard(peer, 0.3)
     assert agent.isolation_check(0.4) == []  # silent for 0.1 s: not suspects yet
     acts = agent.isolation_check(0.5)  # both silent 0.2 s > 0.15; etcd answered 0.2 s ago
-    assert acts == [ProbeEtcd(CONFIG.isolation_probe)]
+    # ARP for our VIPs stops while we ask: the peers may be claiming them.
+    assert acts == [GuardArp(False, "isolated"), ProbeEtcd(CONFIG.isolation_probe)]
     assert state_of(agent) is NodeState.UP  # nothing dropped on silence alone
     assert agent.isolation_check(0.52) == []  # one probe out at a time
     acts = agent.etcd_probed(False, 0.55, "no answer within 0.05 s")
     assert state_of(agent) is NodeState.FENCED
     assert of(acts, DropVips) and "fenced" in kinds(acts)  # 0.25 s after the last message,
     # where etcd's grace alone would have waited until 1.3 s
+    assert not of(acts, GuardArp)  # the guard stays shut until we register again
 
 
 def test_etcd_probe_answered_keeps_the_node_and_repeats_while_the_silence_lasts() -> None:
@@ -275,10 +278,10 @@ def test_etcd_probe_answered_keeps_the_node_and_repeats_while_the_silence_lasts(
     agent.etcd_result(True, 0.3)
     agent.heard("fw2", 0.3)
     assert agent.isolation_check(0.5)
-    assert agent.etcd_probed(True, 0.51) == []
+    assert agent.etcd_probed(True, 0.51) == [GuardArp(True, "isolated")]
     assert state_of(agent) is NodeState.UP
     assert agent.isolation_check(0.55) == []  # the next one a suspicion window later
-    assert agent.isolation_check(0.66) == [ProbeEtcd(CONFIG.isolation_probe)]
+    assert of(agent.isolation_check(0.66), ProbeEtcd) == [ProbeEtcd(CONFIG.isolation_probe)]
 
 
 def test_failed_probe_after_a_peer_spoke_again_does_not_fence() -> None:
@@ -287,7 +290,7 @@ def test_failed_probe_after_a_peer_spoke_again_does_not_fence() -> None:
     agent.heard("fw2", 0.3)
     assert agent.isolation_check(0.5)
     agent.heard("fw2", 0.52)
-    assert agent.etcd_probed(False, 0.53, "timeout") == []
+    assert agent.etcd_probed(False, 0.53, "timeout") == [GuardArp(True, "isolated")]
     assert state_of(agent) is NodeState.UP
 
 
@@ -312,6 +315,18 @@ def test_lease_lost_fences_and_own_record_deletion_counts_as_lease_lost() -> Non
     acts = agent.member_event(MemberDeleted("fw1", next(_rev)), 0.5)
     assert state_of(agent) is NodeState.FENCED and of(acts, DropVips)
     assert agent.lease_lost(0.6) == []  # already fenced
+    assert of(agent.tick(0.7), Register)
+
+
+def test_a_revocation_notice_for_our_epoch_fences_at_once() -> None:
+    agent = up_agent("fw1")
+    assert agent.epoch is not None
+    assert agent.revoked_notice("fw2", agent.epoch + 1, 0.5) == []  # not this incarnation
+    assert state_of(agent) is NodeState.UP
+    acts = agent.revoked_notice("fw2", agent.epoch, 0.5)
+    assert state_of(agent) is NodeState.FENCED
+    assert acts[0] == DropVips("revoked by fw2") and "fenced" in kinds(acts)
+    assert agent.revoked_notice("fw3", agent.epoch, 0.6) == []  # already fenced
     assert of(agent.tick(0.7), Register)
 
 

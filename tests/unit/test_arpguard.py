@@ -6,7 +6,14 @@ import struct
 
 import pytest
 
-from cluster.arpguard import GUARD_TABLE, KEEPALIVE_ETHERTYPE, guard_ruleset, keepalive_frame
+from cluster.arpguard import (
+    GUARD_TABLE,
+    KEEPALIVE_ETHERTYPE,
+    SHUT_ETHERTYPE,
+    ArpGuard,
+    guard_ruleset,
+    keepalive_frame,
+)
 from cluster.errors import Misuse
 
 
@@ -23,6 +30,7 @@ def test_ruleset_replaces_the_table_and_guards_each_interface() -> None:
     assert script.count("hook egress") == 2  # up0 once
     assert 'type filter hook egress device "down0" priority filter; policy accept;' in script
     assert "ether type 0x88b5 update @alive { oifname timeout 500ms } drop" in script
+    assert "ether type 0x88b6 delete @alive { oifname } drop" in script
     assert script.count("arp saddr ip @vips oifname != @alive drop") == 2
     assert "fd00::1" not in script  # IPv6 VIPs are not guarded (no ARP)
 
@@ -53,3 +61,23 @@ def test_keepalive_frame() -> None:
     assert struct.unpack("!H", frame[12:14])[0] == KEEPALIVE_ETHERTYPE
     with pytest.raises(Misuse):
         keepalive_frame(b"\x00" * 5)
+
+
+def test_shut_frame_and_refused_ethertypes() -> None:
+    mac = bytes.fromhex("02aabbccddee")
+    assert struct.unpack("!H", keepalive_frame(mac, SHUT_ETHERTYPE)[12:14])[0] == SHUT_ETHERTYPE
+    with pytest.raises(Misuse):
+        keepalive_frame(mac, 0x0800)
+
+
+def test_a_shut_guard_sends_no_keepalive_until_reopened() -> None:
+    guard = ArpGuard(["up0"], ["10.1.0.1"], 0.15)  # not installed: no sockets, no I/O
+    guard.shut("revoked")
+    guard.shut("isolated")
+    stats = guard.statistics()
+    assert (stats.shut, stats.shuts) == (("isolated", "revoked"), 1)  # closed once
+    guard.reopen("isolated")
+    assert guard.statistics().shut == ("revoked",)  # still shut for the other reason
+    guard.shut("isolated")
+    guard.reopen()
+    assert guard.statistics().shut == ()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from typing import Any
 
 import pytest
 
@@ -56,13 +57,24 @@ def test_round_trip(key: bytes | None) -> None:
 
 def test_layout_matches_the_documented_format() -> None:
     data = encode_beacon(BEACON, KEY)
-    body = b"STKB\x01\x00" + (7).to_bytes(4, "big") + (42).to_bytes(8, "big") + b"\x03fw2\x04prod"
+    body = (
+        b"STKB\x02\x00"
+        + (7).to_bytes(4, "big")
+        + (42).to_bytes(8, "big")
+        + bytes(8)  # revoked: none
+        + b"\x03fw2\x04prod"
+    )
     assert data == body + hmac.digest(KEY, body, "sha256")[:16]
     assert encode_beacon(BEACON, None) == body + bytes(16)
+    notice = encode_beacon(Beacon("prod", "fw2", 7, 42, revoked=9), KEY)
+    assert notice[18:26] == (9).to_bytes(8, "big")
+    assert decode_beacon(notice, KEY).revoked == 9
 
 
 def test_longest_valid_beacon_is_small_and_round_trips() -> None:
-    b = Beacon(cluster_id="c" * 64, node_id="n" * 31, epoch=2**32 - 1, seq=2**64 - 1)
+    b = Beacon(
+        cluster_id="c" * 64, node_id="n" * 31, epoch=2**32 - 1, seq=2**64 - 1, revoked=2**64 - 1
+    )
     data = encode_beacon(b, KEY)
     assert MIN_SIZE <= len(data) <= MAX_SIZE < 600
     assert decode_beacon(data, KEY) == b
@@ -94,7 +106,7 @@ def test_every_byte_flip_of_a_keyed_beacon_is_refused() -> None:
 
 def test_version_byte_is_reported_as_version() -> None:
     data = bytearray(encode_beacon(BEACON, KEY))
-    data[4] = 2
+    data[4] = 1  # the layout before `revoked`
     assert reason_of(bytes(data), KEY) == "version"
 
 
@@ -110,10 +122,11 @@ def test_keyed_and_unkeyed_refuse_each_other() -> None:
 def test_authentic_but_invalid_fields_are_malformed() -> None:
     def signed(flags: int = 0, seq: int = 1, node: bytes = b"fw2") -> bytes:
         body = (
-            b"STKB\x01"
+            b"STKB\x02"
             + bytes((flags,))
             + (1).to_bytes(4, "big")
             + seq.to_bytes(8, "big")
+            + bytes(8)
             + bytes((len(node),))
             + node
             + b"\x04prod"
@@ -141,9 +154,11 @@ def test_beacon_error_is_a_peer_error() -> None:
         ("prod", "fw1", 2**32, 1),
         ("prod", "fw1", 1, 0),
         ("prod", "fw1", 1, 2**64),
+        ("prod", "fw1", 1, 1, -1),
+        ("prod", "fw1", 1, 1, 2**64),
     ],
 )
-def test_building_a_bad_beacon_is_misuse(fields: tuple[str, str, int, int]) -> None:
+def test_building_a_bad_beacon_is_misuse(fields: tuple[Any, ...]) -> None:
     with pytest.raises(Misuse):
         Beacon(*fields)
 
@@ -281,6 +296,26 @@ def test_set_peers_keeps_retained_and_forgets_removed() -> None:
     t.set_peers(["fw2", "fw3"])
     assert t.receive(beacon_bytes(node="fw3", seq=1), KEY, 4.0) == "fw3"
     assert t.statistics().peers["fw3"].received == 1
+
+
+def test_sender_notice_shares_the_round_seq_and_names_the_epoch() -> None:
+    s = BeaconSender("prod", "fw2", 7, KEY)
+    with pytest.raises(Misuse):
+        s.notice(3)  # no round started
+    plain = decode_beacon(s.next(), KEY)
+    notice = decode_beacon(s.notice(3), KEY)
+    assert (plain.seq, plain.revoked) == (1, 0)
+    assert (notice.seq, notice.revoked) == (1, 3)
+
+
+def test_tracker_remembers_the_last_notice_per_peer() -> None:
+    t = tracker()
+    notice = encode_beacon(Beacon("prod", "fw2", 7, 1, revoked=5), KEY)
+    assert t.receive(notice, KEY, 1.0) == "fw2"
+    assert (t.revoked_by("fw2"), t.revoked_by("fw3"), t.revoked_by("fw9")) == (5, 0, 0)
+    assert t.statistics().peers["fw2"].revoked == 5
+    assert t.receive(beacon_bytes(seq=2), KEY, 1.1) == "fw2"  # the peer stopped telling
+    assert t.revoked_by("fw2") == 0
 
 
 def test_statistics_are_snapshots() -> None:

@@ -182,11 +182,11 @@ class _Family:
 
 
 def _beacon_stats() -> BeaconIoStats:
-    heard = PeerBeaconStats(received=500, lost=2, last_heard=10.0, epoch=4)
+    heard = PeerBeaconStats(received=500, lost=2, last_heard=10.0, epoch=4, revoked=0)
     return BeaconIoStats(
         beacons=BeaconStats(peers={"fwb": heard}, dropped={"mac": 1, "replay": 0}),
         sent=498, send_errors={"EPERM": 1}, recv_errors={}, suppressed=3, rounds=501,
-        thread_errors=0, running=True,
+        thread_errors=0, revoked_heard=1, running=True,
     )  # fmt: skip
 
 
