@@ -200,6 +200,12 @@ class SyncdConfig:
     metrics: MetricsConfig | None = None
     # Liveness beacons over UDP, on the listen address and port.
     beacons: BeaconsConfig = field(default_factory=BeaconsConfig)
+    # Scheduling niceness of the syncd process (-20..19), set at start.  The
+    # control plane before the packet path, as routers do: when the filter
+    # saturates the CPUs (a SYN flood), a syncd at the same priority sends
+    # its beacons late, and its peers revoke a node that is alive.  Lowering
+    # it needs root (CAP_SYS_NICE); without, syncd warns and runs as it is.
+    nice: int = -10
 
     @property
     def beacon_key_file(self) -> str | None:
@@ -243,6 +249,8 @@ class SyncdConfig:
             raise ConfigError(f"local_queue must be 1..16777216, not {self.local_queue}")
         if not 0 <= self.recovery_timeout <= 600:
             raise ConfigError(f"recovery_timeout must be 0..600 s, not {self.recovery_timeout}")
+        if not -20 <= self.nice <= 19:
+            raise ConfigError(f"nice must be -20..19, not {self.nice}")
         if self.cluster is not None and self.peers:
             raise ConfigError("peers: with a cluster section, peers come from etcd; list none")
 
@@ -254,7 +262,7 @@ _TOP: Final = {
     "peers": list, "control_socket": str, "tls": dict, "insecure": bool, "session": dict,
     "store": dict, "outbox_capacity": int, "max_message_bytes": int, "local_queue": int,
     "recovery_timeout": float, "cluster": dict, "anti_entropy": dict, "metrics": dict,
-    "beacons": dict,
+    "beacons": dict, "nice": int,
 }  # fmt: skip
 _PATHS: Final = ("state_dir", "local_socket", "control_socket")
 

@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 import signal
 import socket
 import sys
@@ -508,6 +509,17 @@ async def _serve(node: SyncNode, out: TextIO) -> int:
             loop.remove_signal_handler(sig)
 
 
+def set_priority(nice: int) -> None:
+    """Set this process's niceness (``SyncdConfig.nice``); warn if the kernel refuses."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+    except OSError as e:
+        log.warning(
+            "cannot set niceness %d (%s): beacons may be late when the CPUs are busy",
+            nice, e.strerror or e,
+        )  # fmt: skip
+
+
 def run_syncd(config: SyncdConfig, out: TextIO | None = None) -> int:
     """Run syncd until SIGTERM/SIGINT.  Exit codes: 0 clean, 1 runtime, 2 configuration."""
     configure_logging(config.node_id)
@@ -523,6 +535,7 @@ def run_syncd(config: SyncdConfig, out: TextIO | None = None) -> int:
     except ConfigError as e:
         log.error("cannot start: %s", e)
         return 2
+    set_priority(config.nice)  # before any thread starts: threads inherit it
     node = SyncNode(config, epoch, material, beacon_key)
     tune_gc()  # H2 (syncd/peers.py): fewer collector passes per delta
     try:

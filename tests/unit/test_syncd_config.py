@@ -301,6 +301,15 @@ def test_bad_beacons_section(beacons: dict[str, Any], message: str) -> None:
         build(beacons=beacons)
 
 
+def test_syncd_runs_at_a_higher_priority_than_the_filter_by_default() -> None:
+    assert build().nice == -10 and build(nice=0).nice == 0
+    for bad in (-21, 20):
+        with pytest.raises(ConfigError, match="nice must be -20..19"):
+            build(nice=bad)
+    with pytest.raises(ConfigError, match="nice"):
+        build(nice="high")
+
+
 def test_beacon_key_file_is_checked(tmp_path: Path) -> None:
     path = tmp_path / "beacon.key"
     with pytest.raises(ConfigError, match=r"cannot read key .*certs init"):
