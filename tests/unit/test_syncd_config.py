@@ -304,7 +304,7 @@ def test_bad_beacons_section(beacons: dict[str, Any], message: str) -> None:
 def test_syncd_runs_at_a_higher_priority_than_the_filter_by_default() -> None:
     assert build().nice == -10 and build(nice=0).nice == 0
     for bad in (-21, 20):
-        with pytest.raises(ConfigError, match="nice must be -20..19"):
+        with pytest.raises(ConfigError, match=r"nice must be -20\.\.19"):
             build(nice=bad)
     with pytest.raises(ConfigError, match="nice"):
         build(nice="high")
