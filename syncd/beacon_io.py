@@ -118,7 +118,8 @@ class BeaconService:
         self._last_alive = -math.inf
         self._on_revoked: Callable[[str, int], None] | None = None
         self._own_epoch = 0  # our cluster epoch (membership incarnation); 0: none yet
-        self._notices: dict[str, int] = {}  # peer -> its cluster epoch we revoked
+        # peer -> (its cluster epoch we revoked, its address when we learnt it)
+        self._notices: dict[str, tuple[int, tuple[str, int] | None]] = {}
         self._revoked_fired = 0  # the own epoch whose revocation was reported
         self._revoked_heard = 0
         self._sent = 0
@@ -220,11 +221,22 @@ class BeaconService:
         self._own_epoch = epoch  # one int store: atomic under the GIL
 
     def set_notices(self, notices: Mapping[str, int]) -> None:
-        """Tell each of these peers, in every beacon, that we revoked this epoch of it."""
+        """Tell each of these peers, in every beacon, that we revoked this epoch of it.
+
+        A noticed peer keeps getting its notice after ``set_peers`` drops it
+        (its revocation removes it from the membership within a tick or two,
+        sooner than a lossy link may deliver one beacon), at the address it
+        had when it was first noticed.
+        """
         for peer, epoch in notices.items():
             if not 1 <= epoch <= MAX_SEQ:
                 raise Misuse(f"beacons: notice for {peer}: epoch {epoch} outside 1..2**64-1")
-        self._notices = dict(notices)  # replaced whole: the thread reads one snapshot
+        with self._lock:
+            old, peers = self._notices, self._peers
+            self._notices = {  # replaced whole: the thread reads one snapshot
+                p: (e, peers[p] if p in peers else old[p][1] if p in old else None)
+                for p, e in notices.items()
+            }
 
     def heard(self) -> dict[str, float]:
         """Peer -> clock time of its last accepted beacon (peers heard at least once)."""
@@ -313,14 +325,16 @@ class BeaconService:
             return
         assert self._sock is not None
         payload = self._sender.next()
-        notices = self._notices  # one snapshot each: the setters replace the dicts
+        notices, peers = self._notices, self._peers  # snapshots: the setters replace them
+        targets = [(addr, notices[p][0] if p in notices else 0) for p, addr in peers.items()]
+        # A noticed peer we never had an address for cannot be told: skipped, not an error.
+        targets += [(a, e) for p, (e, a) in notices.items() if p not in peers and a is not None]
         sent = 0
         errors = Counter[str]()
-        for peer, addr in self._peers.items():
+        for addr, revoked in targets:
             if addr is None:
                 errors["EAFNOSUPPORT"] += 1
                 continue
-            revoked = notices.get(peer, 0)
             try:
                 self._sock.sendto(self._sender.notice(revoked) if revoked else payload, addr)
                 sent += 1

@@ -163,6 +163,8 @@ def test_a_revocation_notice_reaches_only_its_peer_and_fires_once_per_epoch(trio
     time.sleep(0.1)
     assert fired == []
     trio.services["fw1"].set_notices({"fw3": 4})
+    # The revocation drops fw3 from fw1's peers at once: the notice still goes.
+    trio.services["fw1"].set_peers({"fw2": trio.addresses()["fw2"]})
     wait_for("fw3 hears that fw1 revoked it", lambda: bool(fired))
     time.sleep(0.1)  # ten more notices arrive: still one call
     assert fired == [("fw3", "fw1", 4)]
