@@ -283,6 +283,7 @@ class Agent:
         self._quiet_until = now + suspect_after
         self._registering = False
         self._register_at = now
+        self._drop_incomplete = False  # a DropVips left addresses: retry before registering
         self._lease_lost = False
         self._sync_ready = False
         self._sync_progress = 0.0
@@ -545,8 +546,19 @@ class Agent:
             actions.append(RefreshHolders())
         return actions
 
-    def dropped(self, now: float) -> None:
-        """Every VIP address is off the host (after :class:`DropVips`)."""
+    def dropped(self, now: float, complete: bool = True) -> None:
+        """The outcome of a :class:`DropVips`: every VIP address is off the host, or
+        (``complete=False``) the host kept refusing to take some off.
+
+        A fenced node with an address left must not register again (and
+        claim, and reopen its ARP guard): it retries the drop every
+        ``_REGISTER_RETRY`` first.
+        """
+        if not complete:
+            self._register_at = max(self._register_at, now + _REGISTER_RETRY)
+        elif self._drop_incomplete:
+            self._register_at = now  # clean at last: register without more delay
+        self._drop_incomplete = not complete
         if self._holders is not None:
             self._holders = {v: h for v, h in self._holders.items() if h != self.node_id}
 
@@ -565,6 +577,9 @@ class Agent:
             kind = "etcd-degraded" if degraded else "etcd-recovered"
             actions += [Emit(kind, error if degraded else ""), PublishStatus()]
         if state in (NodeState.JOINING, NodeState.FENCED):
+            if self._drop_incomplete and now >= self._register_at:
+                self._register_at = now + _REGISTER_RETRY
+                return [*actions, DropVips("addresses left after the fence")]
             if not self._registering and now >= self._register_at:
                 self._registering = True
                 why = "start" if state is NodeState.JOINING else "rejoin after fence"

@@ -64,6 +64,8 @@ _WATCH_RETRY: Final = 0.2
 # Seconds our beacons keep telling a revoked peer so: one arriving fences it
 # (syncd.beacon); a live peer hears it within ms, a dead one never will.
 _NOTICE_KEEP: Final = 5.0
+_DROP_ATTEMPTS: Final = 20  # passes over the interfaces a fence makes before giving up
+_DROP_RETRY: Final = 0.005  # seconds between them
 
 
 class SyncView(Protocol):
@@ -407,8 +409,7 @@ class AgentRunner:
         agent, now = self.agent, time.monotonic
         if isinstance(action, DropVips):
             log.warning("dropping every VIP: %s", action.reason)
-            await self._drop_all(action.reason)
-            agent.dropped(now())
+            agent.dropped(now(), await self._drop_all(action.reason))
         elif isinstance(action, ClaimVip):
             return await self._claim(action.vip)
         elif isinstance(action, ReleaseVip):
@@ -507,15 +508,31 @@ class AgentRunner:
         log.info("released VIP %s", vip)
         return self.agent.vip_result(vip, False, ok, time.monotonic())
 
-    async def _drop_all(self, reason: str) -> None:
-        for manager in self._managers.values():
-            try:
-                for vip in await manager.held():
-                    await manager.remove(vip)
-                    log.info("VIP %s off %s (%s)", vip, manager.ifname, reason)
-            except VipError as exc:
-                self._counts["vip_errors"] += 1
-                log.error("cannot drop VIPs on %s: %s", manager.ifname, exc)
+    async def _drop_all(self, reason: str) -> bool:
+        """Take every VIP off every interface; True once none is left.
+
+        A fence that leaves an address behind is a second holder as soon as
+        a peer claims the VIP, so a failed pass (a netlink error) is tried
+        again, ``_DROP_ATTEMPTS`` times ``_DROP_RETRY`` apart, before giving
+        up loudly (the kernel lifetime, ``vip_lifetime``, still ends it).
+        """
+        pending = list(self._managers.values())
+        for attempt in range(1, _DROP_ATTEMPTS + 1):
+            failed = []
+            for manager in pending:
+                try:
+                    for vip in await manager.remove_all():
+                        log.info("VIP %s off %s (%s)", vip, manager.ifname, reason)
+                except VipError as exc:
+                    self._counts["vip_errors"] += 1
+                    failed.append(manager)
+                    log.error("cannot drop VIPs on %s (try %d of %d): %s",
+                              manager.ifname, attempt, _DROP_ATTEMPTS, exc)  # fmt: skip
+            if not failed:
+                return True
+            pending = failed
+            await asyncio.sleep(_DROP_RETRY)
+        return False
 
     # --- registration ------------------------------------------------------------------
 

@@ -377,7 +377,7 @@ class VipManager:
         except self._host_errors as exc:
             if _errno(exc) != _ERRNO_EXISTS:
                 raise self._fail("add address", exc) from exc
-            if str(iface.ip) not in await self.held():
+            if str(iface.ip) not in await self._held():
                 log.warning("VIP %s already on %s, not added by stockade", vip, self.ifname)
             return False
         self._added += 1
@@ -408,7 +408,7 @@ class VipManager:
             return await self._refresh(vips)
 
     async def _refresh(self, vips: Iterable[str]) -> int:
-        present = await self.held()
+        present = await self._held()
         renewed = 0
         for vip in vips:
             iface = parse_vip(vip)
@@ -445,8 +445,26 @@ class VipManager:
             removed = True
         return removed
 
+    async def remove_all(self) -> list[str]:
+        """Take every VIP we put on the interface off it, in one locked pass; which.
+
+        One pass under the lock, not ``held()`` then ``remove()``: a renewal
+        between the two could list (netlink allows one dump at a time per
+        socket: a second one fails with EBUSY) or re-create an address.
+        """
+        async with self._lock:
+            gone = []
+            for vip in sorted(await self._held()):
+                if await self._remove(vip):
+                    gone.append(vip)
+            return gone
+
     async def held(self) -> frozenset[str]:
         """The VIPs (canonical address text) we put on the interface."""
+        async with self._lock:
+            return await self._held()
+
+    async def _held(self) -> frozenset[str]:
         return frozenset(
             str(ipaddress.ip_address(e.get_attr("IFA_ADDRESS"))) for e in await self._ours()
         )

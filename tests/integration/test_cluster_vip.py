@@ -246,3 +246,23 @@ def test_a_renewal_racing_a_release_never_brings_the_vip_back(lab: NetnsLab) -> 
                 assert await a.held() == frozenset(), "a released VIP came back"
 
     run(scenario())
+
+
+def test_a_fence_drop_racing_a_renewal_takes_every_address_off(lab: NetnsLab) -> None:
+    """remove_all() while refresh() runs on the same manager.  Seen in chaos
+    sync-loss-30: a fence listed the addresses while the renewal's dump was
+    in progress on the same netlink socket, got EBUSY, and left a VIP on the
+    fenced node while a peer claimed it (two holders for 77 ms)."""
+    vip6 = "fd00:99::77/64"
+
+    async def scenario() -> None:
+        async with VipManager("eth0", lab.ns("a"), lifetime=5) as a:
+            for _ in range(30):
+                assert await a.add(VIP4) and await a.add(vip6)
+                results = await asyncio.gather(
+                    a.refresh([VIP4, vip6]), a.remove_all(), return_exceptions=True
+                )
+                assert not [r for r in results if isinstance(r, BaseException)], results
+                assert await a.held() == frozenset(), "an address survived the drop"
+
+    run(scenario())

@@ -254,6 +254,25 @@ def test_isolated_node_fences_then_reregisters() -> None:
     assert state_of(agent) is NodeState.SYNCING and "recovered" in kinds(acts)
 
 
+def test_fenced_node_with_an_address_left_retries_the_drop_before_registering() -> None:
+    agent = up_agent("fw1")
+    agent.vip_result("10.9.0.1", True, True, 0.3)
+    acts = agent.lease_lost(2.0, "our member record was deleted")
+    assert of(acts, DropVips)
+    agent.dropped(2.0, complete=False)  # the host refused to take an address off
+    agent.etcd_result(True, 2.0)
+    assert not of(agent.tick(2.1), Register)  # not before the retry is due
+    acts = agent.tick(2.6)
+    assert of(acts, DropVips) and not of(acts, Register)
+    agent.dropped(2.6, complete=False)
+    acts = agent.tick(2.7)
+    assert not of(acts, Register) and not of(acts, DropVips)
+    acts = agent.tick(3.2)
+    assert of(acts, DropVips)
+    agent.dropped(3.2)  # clean now
+    assert of(agent.tick(3.2), Register)
+
+
 def test_every_peer_silent_probes_etcd_and_fences_at_once_if_it_is_gone_too() -> None:
     agent = up_agent("fw1")
     agent.vip_result("10.9.0.1", True, True, 0.3)
