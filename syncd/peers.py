@@ -417,6 +417,10 @@ class PeerLink:
                 if envelopes and not await self._write(stream, transport, envelopes):
                     return
                 self._handle(session.apply_pending(now), now)
+                # The next page may have arrived while this one was applied:
+                # let the reader hand it over before timers are looked at.
+                await asyncio.sleep(0)
+                now = self._clock()
             due = session.next_deadline()
             if due is not None and due <= now:
                 self._handle(session.handle_timer(now), now)

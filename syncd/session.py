@@ -502,6 +502,7 @@ class SessionStats:
     pages_refused: int  # snapshot requests dropped: too many replies queued
     early_dropped: int  # messages before the peer's Hello
     stale_dropped: int  # replies to old snapshot requests
+    page_rtt_samples: int  # snapshot page round trips measured (they set the retry timer)
     after_close_dropped: int
     store_full: int  # records the replica store refused (leads to a resync)
     suspicions: int
@@ -535,6 +536,10 @@ class PeerSession:
         self._rto_at: float | None = None
         self._request_at: float | None = None  # when the pending snapshot request was sent
         self._request_wait = config.resend_after  # before retrying it (backs off)
+        self._request_retried = False  # the pending request is a retry (Karn: no RTT sample)
+        # Page round trip estimate (RFC 6298 SRTT/RTTVAR), None before a sample.
+        self._page_srtt: float | None = None
+        self._page_rttvar = 0.0
         self._rto_wait = config.resend_after  # before resending unacked deltas (backs off)
         # When our Hello was last sent, until the peer shows it has it.
         self._hello_at: float | None = None
@@ -901,6 +906,7 @@ class PeerSession:
         ):
             self._counts["stale_dropped"] += 1
             return
+        self._page_rtt_sample(now)
         self._request_at = None
         if not inbox.cursor:
             if not inbox.first_page(chunk.base_seq):
@@ -978,9 +984,11 @@ class PeerSession:
         and again before its answer can arrive.
         """
         resend = self.config.resend_after
-        self._request_wait = (
-            min(self._request_wait * 2, resend * 2**MAX_BACKOFF) if retry else resend
+        self._request_wait = min(
+            self._request_wait * 2 if retry else max(resend, self._page_rto()),
+            resend * 2**MAX_BACKOFF,
         )
+        self._request_retried = retry
         inbox = self._inbox
         if not inbox.cursor:
             inbox.base = None
@@ -993,6 +1001,31 @@ class PeerSession:
         )
         self._control.append(pb.Envelope(snapshot_request=request))
         self._request_at = now
+
+    def _page_rtt_sample(self, now: float) -> None:
+        """Time from a page's request to taking its reply, into the estimate (RFC 6298 s2).
+
+        A reply is only taken once the page before it is applied here, so
+        the estimate includes our own apply time: a retry timer shorter than
+        that re-asked for every page of a large snapshot, the peer built and
+        sent each page twice and we parsed each twice (the first reply was
+        stale by then).  Karn's rule: a retried request gives no sample.
+        """
+        if self._request_at is None or self._request_retried:
+            return
+        sample = max(0.0, now - self._request_at)
+        if self._page_srtt is None:
+            self._page_srtt, self._page_rttvar = sample, sample / 2
+        else:
+            self._page_rttvar = 0.75 * self._page_rttvar + 0.25 * abs(self._page_srtt - sample)
+            self._page_srtt = 0.875 * self._page_srtt + 0.125 * sample
+        self._counts["page_rtt_samples"] += 1
+
+    def _page_rto(self) -> float:
+        """How long to wait for a page's reply before asking again (RFC 6298: SRTT + 4 RTTVAR)."""
+        if self._page_srtt is None:
+            return 0.0
+        return self._page_srtt + 4 * self._page_rttvar
 
     def _retransmit(self, now: float) -> None:
         self._counts["retransmits"] += 1

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import statistics
 import sys
 import time
@@ -37,11 +38,26 @@ from syncd._pb.stockade.sync.v1 import local_pb2 as lpb
 from syncd._pb.stockade.sync.v1 import sync_pb2 as pb
 from syncd.local import encode_frame
 from syncd.records import record_to_pb
-from tests.integration.test_syncd_cluster import Cluster, Filter, record, wait_for
+from tests.integration.test_syncd_cluster import Cluster, Daemon, Filter, record, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 BATCH = 500
+
+
+def cpu_seconds(d: Daemon) -> float:
+    """User + system CPU seconds the syncd process has used so far (Linux /proc).
+
+    Less noisy than the wall clock on a shared machine: reported beside it.
+    """
+    assert d.proc is not None
+    with open(f"/proc/{d.proc.pid}/stat", encoding="ascii") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_used(c: Cluster, before: dict[str, float]) -> dict[str, float]:
+    return {n: round(cpu_seconds(c[n]) - t, 2) for n, t in before.items()}
 
 
 def arrivals(f: Filter, origin: str) -> int:
@@ -65,16 +81,21 @@ def create_frames(node: str, first: int, n: int) -> list[bytes]:
     return frames
 
 
-def throughput(c: Cluster, fa: Filter, fb: Filter, n: int, first: int) -> float:
+def throughput(
+    c: Cluster, fa: Filter, fb: Filter, n: int, first: int
+) -> tuple[float, dict[str, float]]:
     frames = create_frames(fa.node_id, first, n)
+    cpu = {name: cpu_seconds(c[name]) for name in ("fwa", "fwb")}
     start = time.monotonic()
     for frame in frames:
         fa.sock.sendall(frame)
     sent = time.monotonic() - start
     wait_for(lambda: arrivals(fb, "fwa") >= n, 120 + n / 1000, "all deltas at fwb's filter")
     took = time.monotonic() - start
-    print(f"throughput: {n} deltas sent in {sent:.2f} s, all applied at fwb in {took:.2f} s")
-    return n / took
+    used = cpu_used(c, cpu)
+    print(f"throughput: {n} deltas sent in {sent:.2f} s, all applied at fwb in {took:.2f} s"
+          f" (syncd CPU s: {used})")  # fmt: skip
+    return n / took, used
 
 
 def latency(fa: Filter, fb: Filter, rate: int, seconds: float, first: int) -> list[float]:
@@ -202,6 +223,7 @@ def resync(c: Cluster, total: int) -> dict[str, float]:
     c["fwb"].kill()
     c["fwb"].start()
     ready = time.monotonic()
+    cpu = {"fwa": cpu_seconds(c["fwa"]), "fwb": cpu_seconds(c["fwb"])}
 
     def done() -> bool:
         stats = c["fwb"].stats()
@@ -210,9 +232,11 @@ def resync(c: Cluster, total: int) -> dict[str, float]:
 
     wait_for(done, 600, "fwb pulls fwa's snapshot")
     wall = time.monotonic() - ready
+    used = cpu_used(c, cpu)
     inner = c["fwb"].stats()["peers"]["fwa"]["last_resync_seconds"]
-    print(f"resync of {total} flows: {wall:.2f} s after ready ({inner:.2f} s in the session)")
-    return {"flows": total, "wall_seconds": wall, "session_seconds": inner}
+    print(f"resync of {total} flows: {wall:.2f} s after ready ({inner:.2f} s in the session;"
+          f" syncd CPU s from ready: {used})")  # fmt: skip
+    return {"flows": total, "wall_seconds": wall, "session_seconds": inner, "cpu_seconds": used}
 
 
 def run(deltas: int, rate: int, seconds: float, resync_total: int) -> dict[str, Any]:
@@ -222,10 +246,11 @@ def run(deltas: int, rate: int, seconds: float, resync_total: int) -> dict[str, 
         c.start()
         fa, fb = c.filter("fwa"), c.filter("fwb")
         wait_for(lambda: c["fwa"].stats()["peers"]["fwb"]["state"] == "live", 10, "link up")
-        rate_seen = throughput(c, fa, fb, deltas, 0)
+        rate_seen, throughput_cpu = throughput(c, fa, fb, deltas, 0)
         lat = latency(fa, fb, rate, seconds, 10_000_000)
         results: dict[str, Any] = {
             "deltas": deltas, "deltas_per_second": round(rate_seen),
+            "throughput_cpu_seconds": throughput_cpu,
             "latency_rate": rate, "latency_samples": len(lat),
             "latency_p50_ms": round(1000 * statistics.median(lat), 2),
             "latency_p99_ms": round(1000 * lat[int(0.99 * (len(lat) - 1))], 2),

@@ -459,6 +459,33 @@ def test_resync_notice_is_repeated_until_acked() -> None:
     assert duo.a.statistics().resync_notices_sent == 2
 
 
+def test_page_retry_timer_follows_the_measured_round_trip() -> None:
+    """Pages slower than resend_after are not asked for twice (RFC 6298 estimator)."""
+    config = SessionConfig(cluster_id=CLUSTER, snapshot_page=2)
+    duo = Duo(config)
+    for k in range(7):
+        emit(duo.nodes["a"], k)
+    duo.start()
+    duo.deliver("a", duo.out("b"))
+    duo.deliver("b", duo.out("a"))  # b: SYNCING, its first request goes out
+    slow = 0.75 * config.resend_after  # each reply takes this long to be taken
+    for _ in range(2):  # two samples of `slow`: the timer is now beyond resend_after
+        duo.deliver("a", duo.out("b"))
+        duo.advance(slow)
+        duo.deliver("b", duo.out("a"))
+        duo.b.apply_pending(duo.now)
+    duo.deliver("a", duo.out("b"))  # the third request
+    reply = duo.out("a")
+    duo.advance(1.5 * config.resend_after)  # slower still, but within SRTT + 4 RTTVAR
+    assert "snapshot_request" not in kinds(duo.out("b"))  # no retry
+    duo.deliver("b", reply)
+    assert duo.b.statistics().stale_dropped == 0
+    assert duo.b.statistics().page_rtt_samples == 3
+    duo.exchange()
+    assert duo.state("b") is State.LIVE
+    assert duo.nodes["b"].replicas_of("a") == duo.nodes["a"].own_flows()
+
+
 def test_multi_page_snapshot_and_stale_pages() -> None:
     config = SessionConfig(cluster_id=CLUSTER, snapshot_page=2)
     duo = Duo(config)
