@@ -47,6 +47,8 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from cluster.config import AgentConfig
+from cluster.errors import Misuse
+from cluster.liveness import suspect_window
 from cluster.membership import (
     EtcdHealth,
     Lifecycle,
@@ -252,12 +254,22 @@ class Agent:
     """The agent's decisions for one node; feed it inputs, run what :meth:`tick` returns."""
 
     def __init__(
-        self, config: AgentConfig, node_id: str, address: str, suspect_after: float, now: float
+        self,
+        config: AgentConfig,
+        node_id: str,
+        address: str,
+        suspect_after: float,
+        now: float,
+        beacon_interval: float | None = None,
     ) -> None:
         self.config = config
         self.node_id = node_id
         self.address = address
+        # The silence that makes a peer on a clean link a suspect; a lossy
+        # link stretches it (cluster.liveness), given the beacons' interval
+        # (None: no beacons, no stretching).
         self.suspect_after = suspect_after
+        self.beacon_interval = beacon_interval
         self.lifecycle = Lifecycle(now)
         self.membership = Membership()
         self.health = EtcdHealth(grace=float(config.etcd.lease_ttl))
@@ -268,6 +280,7 @@ class Agent:
         self._last_holder: dict[str, str] = {}
         self._pending: set[str] = set()
         self._last_heard: dict[str, float] = {}
+        self._link_loss: dict[str, float] = {}  # peer -> its beacons' recent loss estimate
         self._heard_this_epoch: set[str] = set()
         self._joined_at: dict[str, float] = {}
         self._left_at: dict[str, float] = {}
@@ -326,11 +339,16 @@ class Agent:
             if peer == self.node_id:
                 continue
             if peer in self._heard_this_epoch:
-                if now - self._last_heard[peer] > self.suspect_after:
+                if now - self._last_heard[peer] > self.window(peer):
                     found.add(peer)
             elif now - self._joined_at.get(peer, now) > self.config.join_grace:
                 found.add(peer)
         return frozenset(found)
+
+    def window(self, peer: str) -> float:
+        """Seconds of silence after which ``peer`` is a suspect (its link's loss considered)."""
+        loss = self._link_loss.get(peer, 0.0)
+        return suspect_window(self.suspect_after, self.beacon_interval, loss)
 
     def statistics(self, now: float) -> AgentStats:
         return AgentStats(
@@ -425,6 +443,12 @@ class Agent:
         self._last_heard[peer] = max(now, self._last_heard.get(peer, now))
         self._heard_this_epoch.add(peer)
         self._suspected.discard(peer)
+
+    def link_loss(self, peer: str, loss: float) -> None:
+        """The recent loss of ``peer``'s beacons, 0..1 (``syncd.beacon``): stretches its window."""
+        if not 0.0 <= loss <= 1.0:
+            raise Misuse(f"link loss {loss!r} is not in 0..1")
+        self._link_loss[peer] = loss
 
     def lease_lost(self, now: float, why: str = "lease lost") -> list[Action]:
         """etcd says our lease is gone (keepalive TTL 0, lease not found, record deleted)."""
@@ -678,9 +702,8 @@ class Agent:
         # peers fall silent at the same moment but cross suspect_after a few
         # ms apart, and the first suspect must not find the others still
         # counted alive (the minority would revoke the majority).
-        fresh = self.suspect_after / 2
         alive = {self.node_id} | {
-            p for p in members if now - self._last_heard.get(p, -math.inf) <= fresh
+            p for p in members if now - self._last_heard.get(p, -math.inf) <= self.window(p) / 2
         }
         if not has_quorum(members, alive):
             return []
@@ -764,7 +787,7 @@ class Agent:
         if now - self._left_at.get(last, -math.inf) < self.config.takeover_guard:
             return True
         heard = self._last_heard.get(last, -math.inf)
-        return now - heard <= self.suspect_after  # cut off from etcd only: fail static there
+        return now - heard <= self.window(last)  # cut off from etcd only: fail static there
 
     def _drain_progress(self, now: float) -> list[Action]:
         if self.state is not NodeState.DRAINING or self._drain_started is None:
@@ -828,6 +851,7 @@ class Agent:
         for old, at in list(self._last_heard.items()):
             if now - at > _HEARD_KEEP:
                 del self._last_heard[old]
+                self._link_loss.pop(old, None)
         return []
 
     def _peers_changed(self, now: float) -> list[Action]:
@@ -837,7 +861,7 @@ class Agent:
         for vip_holder in set(self._last_holder.values()) - set(peers) - {self.node_id}:
             record = self._last_records.get(vip_holder)
             heard = self._last_heard.get(vip_holder, -math.inf)
-            if record is not None and now - heard <= self.suspect_after:
+            if record is not None and now - heard <= self.window(vip_holder):
                 peers[vip_holder] = record.address
         wanted = tuple(sorted(peers.items()))
         if wanted == self._peers_sent:

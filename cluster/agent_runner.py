@@ -81,6 +81,10 @@ class SyncView(Protocol):
         """Per peer, when its last liveness beacon arrived (monotonic); {} without beacons."""
         ...
 
+    def beacons_loss(self) -> Mapping[str, float]:
+        """Per peer, the recent loss of its beacons (0..1); {} without beacons."""
+        ...
+
     def on_revoked(self, hook: Callable[[str, int], None] | None) -> None:
         """Call ``hook(peer, epoch)`` from any thread when a peer says it revoked
         our membership ``epoch`` (beacon notices; never called without beacons)."""
@@ -127,6 +131,7 @@ class AgentRunner:
         suspect_after: float,
         sync: SyncView,
         filter_control: str | None = None,
+        beacon_interval: float | None = None,
     ) -> None:
         self.config = config
         self.node_id = node_id
@@ -136,7 +141,7 @@ class AgentRunner:
         self.failover_durations = FailoverDurations()  # for stockade_cluster_failover_...
         self._rules_revision: int | None = None  # etcd ruleset revision the filter runs
         now = time.monotonic()
-        self.agent = Agent(config, node_id, address, suspect_after, now)
+        self.agent = Agent(config, node_id, address, suspect_after, now, beacon_interval)
         self.etcd = EtcdMembership(config.etcd, cluster_id)
         self._managers: dict[str, VipManager] = {}
         self._pending: list[Action] = []
@@ -373,6 +378,8 @@ class AgentRunner:
             if at > self._seen_beacon.get(peer, -math.inf):
                 self._seen_beacon[peer] = at
                 self.agent.heard(peer, min(at, now))
+        for peer, loss in self.sync.beacons_loss().items():
+            self.agent.link_loss(peer, min(max(loss, 0.0), 1.0))
 
     def _feed_health(self) -> None:
         stats = self.etcd.health.statistics()

@@ -64,6 +64,10 @@ class _View:
         beacons = self.node.beacons
         return beacons.heard() if beacons is not None else {}
 
+    def beacons_loss(self) -> Mapping[str, float]:
+        beacons = self.node.beacons
+        return beacons.loss() if beacons is not None else {}
+
     def on_revoked(self, hook: Callable[[str, int], None] | None) -> None:
         if self.node.beacons is not None:
             self.node.beacons.on_revoked(hook)
@@ -156,6 +160,7 @@ class ClusterAgent:
         self.runner = AgentRunner(
             config.cluster, config.node_id, config.cluster_id, config.listen,
             agent_suspect_after(config), self.view, config.filter_control_socket,
+            config.beacons.interval if config.beacons.enabled else None,
         )  # fmt: skip
         self._task: asyncio.Task[None] | None = None
 

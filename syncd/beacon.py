@@ -242,12 +242,28 @@ class PeerBeaconStats:
     last_heard: float | None  # `now` of the last accepted beacon; None: never heard
     epoch: int | None  # the peer's epoch in the last accepted beacon
     revoked: int  # our cluster epoch the peer says it revoked, last beacon; 0: none
+    loss: float = 0.0  # recent loss estimate, 0..1 (BeaconTracker.loss)
 
 
 @dataclass(frozen=True, slots=True)
 class BeaconStats:
     peers: Mapping[str, PeerBeaconStats]  # every current peer, heard or not
     dropped: Mapping[str, int]  # datagrams refused, by reason (every DROP_REASONS key)
+
+
+# Loss estimators, per peer: exponentially weighted averages over the
+# beacons a peer sent (1 = lost, 0 = arrived), one quick to follow a burst
+# of losses, one steady.  Their maximum is what the cluster agent stretches
+# its suspicion window by (cluster.liveness): biased up on purpose, a
+# longer wait on a lossy link is cheap, a live peer revoked is not.
+LOSS_ALPHA_FAST: Final = 0.2  # about 5 beacons of memory (50 ms at 10 ms)
+LOSS_ALPHA_SLOW: Final = 0.02  # about 50 beacons (0.5 s)
+
+
+def _ewma_after(estimate: float, alpha: float, lost: int) -> float:
+    """``estimate`` after ``lost`` lost beacons and then one that arrived."""
+    estimate = 1.0 - (1.0 - estimate) * (1.0 - alpha) ** lost
+    return estimate * (1.0 - alpha)
 
 
 @dataclass(slots=True)
@@ -258,6 +274,12 @@ class _PeerState:
     epoch: int | None = None
     seq: int = 0  # last accepted seq in `epoch`
     revoked: int = 0  # `revoked` of the last accepted beacon
+    loss_fast: float = 0.0
+    loss_slow: float = 0.0
+
+    @property
+    def loss(self) -> float:
+        return max(self.loss_fast, self.loss_slow)
 
 
 class BeaconTracker:
@@ -301,10 +323,14 @@ class BeaconTracker:
 
     @staticmethod
     def _accept(state: _PeerState, beacon: Beacon, now: float) -> None:
+        gap = 0
         if beacon.epoch == state.epoch:
-            state.lost += beacon.seq - state.seq - 1
+            gap = beacon.seq - state.seq - 1
+            state.lost += gap
         # else: first beacon heard of this epoch.  Its seq says nothing about loss:
         # we may have started (or added the peer) long after the peer did.
+        state.loss_fast = _ewma_after(state.loss_fast, LOSS_ALPHA_FAST, gap)
+        state.loss_slow = _ewma_after(state.loss_slow, LOSS_ALPHA_SLOW, gap)
         state.epoch = beacon.epoch
         state.seq = beacon.seq
         state.received += 1
@@ -315,6 +341,15 @@ class BeaconTracker:
         """Peer -> ``now`` of its last accepted beacon, for peers heard at least once."""
         return {p: s.last_heard for p, s in self._peers.items() if s.last_heard is not None}
 
+    def loss(self) -> dict[str, float]:
+        """Peer -> recent beacon loss estimate (0..1), for peers heard at least once.
+
+        Updated only when a beacon arrives: a peer that falls silent keeps
+        the estimate of its link before the silence (a dead peer is judged
+        by how its link behaved, not by its silence).
+        """
+        return {p: s.loss for p, s in self._peers.items() if s.last_heard is not None}
+
     def revoked_by(self, peer: str) -> int:
         """Our cluster epoch that ``peer``'s last accepted beacon says it revoked (0: none)."""
         state = self._peers.get(peer)
@@ -323,7 +358,7 @@ class BeaconTracker:
     def statistics(self) -> BeaconStats:
         return BeaconStats(
             peers={
-                p: PeerBeaconStats(s.received, s.lost, s.last_heard, s.epoch, s.revoked)
+                p: PeerBeaconStats(s.received, s.lost, s.last_heard, s.epoch, s.revoked, s.loss)
                 for p, s in self._peers.items()
             },
             dropped={r: self._dropped[r] for r in DROP_REASONS},

@@ -243,6 +243,11 @@ class BeaconService:
         with self._lock:
             return self._tracker.heard()
 
+    def loss(self) -> dict[str, float]:
+        """Peer -> recent beacon loss estimate (``BeaconTracker.loss``)."""
+        with self._lock:
+            return self._tracker.loss()
+
     def statistics(self) -> BeaconIoStats:
         with self._lock:
             return BeaconIoStats(

@@ -30,7 +30,7 @@ from cluster.agent import (
     has_quorum,
 )
 from cluster.config import AgentConfig, VipSpec
-from cluster.errors import IllegalTransition
+from cluster.errors import IllegalTransition, Misuse
 from cluster.etcd import EtcdConfig
 from cluster.membership import (
     TRANSITIONS,
@@ -174,6 +174,40 @@ def test_suspect_is_revoked_with_a_majority() -> None:
     acts = agent.revoke_result("fw3", 1, True, 1.22)
     assert "revoked" in kinds(acts)
     assert of(acts, RefreshHolders) == [RefreshHolders()]  # its claims are gone: list now
+
+
+def test_a_lossy_link_stretches_the_suspicion_window() -> None:
+    """SUSPECT 0.15 s is 15 beacons at 10 ms; at 51 % loss a live peer loses
+    15 in a row once in 24,000 windows, so its window stretches to ~0.21 s."""
+    agent = Agent(CONFIG, "fw1", "10.0.0.1:7400", SUSPECT, 0.0, beacon_interval=0.01)
+    assert of(agent.tick(0.0), Register)
+    agent.registered(1, 0.0)
+    members = tuple(put(n) for n in ("fw1", "fw2", "fw3"))
+    agent.members_snapshot(MembersSnapshot(members, next(_rev)), 0.0)
+    agent.sync_status(True, 1.0, 0.0)
+    agent.holders_listed({}, 0.0)
+    for peer in ("fw2", "fw3"):
+        agent.heard(peer, 0.0)
+    agent.tick(0.2)
+    assert state_of(agent) is NodeState.UP
+    for peer in ("fw2", "fw3"):
+        agent.heard(peer, 1.0)
+    agent.link_loss("fw2", 0.51)
+    agent.link_loss("fw3", 0.0)
+    assert agent.window("fw3") == SUSPECT
+    assert 0.20 <= agent.window("fw2") <= 0.22
+    agent.heard("fw3", 1.18)
+    agent.etcd_result(True, 1.18)
+    assert agent.suspects(1.18) == frozenset()  # fw2 silent 0.18 s: more than 0.15, fine
+    agent.heard("fw3", 1.25)
+    assert agent.suspects(1.25) == {"fw2"}
+    assert of(agent.tick(1.25), RevokePeer) == [RevokePeer("fw2", 1)]
+
+
+def test_link_loss_outside_zero_to_one_is_misuse() -> None:
+    agent = up_agent("fw1")
+    with pytest.raises(Misuse):
+        agent.link_loss("fw2", 1.5)
 
 
 def test_a_minority_never_revokes() -> None:

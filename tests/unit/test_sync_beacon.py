@@ -281,6 +281,44 @@ def test_lost_counts_gaps_within_an_epoch_only() -> None:
     assert (peer.received, peer.lost, peer.epoch) == (6, 6, 8)
 
 
+def feed(t: BeaconTracker, seqs: list[int], node: str = "fw2") -> None:
+    for i, seq in enumerate(seqs):
+        assert t.receive(beacon_bytes(node, seq=seq), KEY, float(i)) == node
+
+
+def test_loss_estimate_is_zero_on_a_clean_link_and_unknown_before_hearing() -> None:
+    t = tracker()
+    assert t.loss() == {}
+    feed(t, list(range(1, 200)))
+    assert t.loss() == {"fw2": 0.0}
+    assert t.statistics().peers["fw2"].loss == 0.0
+
+
+def test_loss_estimate_follows_the_loss_rate() -> None:
+    t = tracker()
+    feed(t, list(range(1, 2000, 2)))  # every other beacon lost: 50 %
+    assert 0.45 <= t.loss()["fw2"] <= 0.65
+    t2 = tracker()
+    feed(t2, [s for s in range(1, 4000) if s % 10])  # 10 % lost
+    assert 0.05 <= t2.loss()["fw2"] <= 0.3
+
+
+def test_loss_estimate_jumps_on_a_burst_and_decays_when_clean_again() -> None:
+    t = tracker()
+    feed(t, [1, 2, 3, 9])  # 5 lost in a row
+    burst = t.loss()["fw2"]
+    assert burst > 0.5
+    feed(t, list(range(10, 400)))
+    assert t.loss()["fw2"] < 0.01 < burst
+
+
+def test_loss_estimate_ignores_the_seq_jump_of_a_new_epoch() -> None:
+    t = tracker()
+    t.receive(beacon_bytes(epoch=7, seq=5), KEY, 0.0)
+    t.receive(beacon_bytes(epoch=8, seq=900), KEY, 0.1)  # restarted peer: not 894 lost
+    assert t.loss()["fw2"] == 0.0
+
+
 def test_set_peers_keeps_retained_and_forgets_removed() -> None:
     t = tracker(("fw2", "fw3"))
     t.receive(beacon_bytes(node="fw2", seq=5), KEY, 1.0)
