@@ -43,7 +43,8 @@ these, and tests/unit/test_sync_metrics.py keeps the two equal:
   ``_antientropy_resyncs_requested_total``.
 * ``stockade_sync_beacon_thread_running``, ``_beacons_sent_total``,
   ``_beacons_suppressed_total``, ``_beacons_received_total`` {peer},
-  ``_beacons_lost_total`` {peer}, ``_beacons_dropped_total`` {reason},
+  ``_beacons_lost_total`` {peer}, ``_beacon_loss_ratio`` {peer},
+  ``_beacons_dropped_total`` {reason},
   ``_beacon_send_errors_total`` {errno}, ``_beacon_thread_errors_total``,
   ``_beacon_revocations_heard_total``:
   the UDP liveness beacons (``syncd.beacon``), only while beacons run.
@@ -230,6 +231,9 @@ def _beacons(f: _Families, s: BeaconIoStats) -> None:
               [(p, b.received) for p, b in peers])  # fmt: skip
     f.counter("beacons_lost_total", "Beacons missing from a peer's sequence, by peer.",
               ["peer"], [(p, b.lost) for p, b in peers])  # fmt: skip
+    f.gauge("beacon_loss_ratio",
+            "Recent loss of a peer's beacons, 0..1 (stretches its suspicion window).",
+            ["peer"], [(p, b.loss) for p, b in peers])  # fmt: skip
     f.counter("beacons_dropped_total", "Datagrams refused on the beacon port, by reason.",
               ["reason"], sorted(s.beacons.dropped.items()))  # fmt: skip
     errors = sorted(s.send_errors.items())
