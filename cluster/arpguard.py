@@ -14,6 +14,8 @@ of every VIP interface::
     ether type 0x88b5 update @alive { oifname timeout T } drop
     ether type 0x88b6 delete @alive { oifname } drop
     arp saddr ip @vips oifname != @alive drop
+    ip6 saddr @vips6 icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } \
+        oifname != @alive drop
 
 The agent sends one frame of the local experimental ethertype 0x88b5
 (IEEE 802) on each VIP interface every T/5 from its event loop (T:
@@ -21,7 +23,11 @@ The agent sends one frame of the local experimental ethertype 0x88b5
 (:meth:`ArpGuard.keepalive`); the first rule refreshes the interface's
 element in the ``alive`` set (and drops the frame: it never leaves the
 host); the second drops every ARP packet (replies, requests, gratuitous)
-whose sender address is a VIP once the element has expired.  A frozen
+whose sender address is a VIP once the element has expired, and the
+fourth does the same for IPv6 neighbour discovery: Linux sends the
+neighbour advertisement answering a solicitation for one of its addresses
+from that address (``ndisc_send_na``: source = the solicited target when
+it is ours), so an NA or NS whose source is a VIP speaks for the VIP.  A frozen
 agent sends no keepalive: within T its kernel no longer speaks for the VIPs,
 while addresses, routes and forwarding stay as they are.  When the agent
 runs again, its first keepalive re-opens ARP, and it fences (addresses off)
@@ -37,8 +43,6 @@ and keepalives stay off until :meth:`ArpGuard.reopen` (the agent registers
 again).  The agent also shuts it while it asks etcd whether it is the
 isolated one (every peer fell silent at once), and reopens it if etcd
 answers.
-
-IPv6 VIPs (neighbour advertisements) are not covered yet.
 
 :func:`guard_ruleset` is pure (the nft script); :class:`ArpGuard` is the
 adapter (runs ``nft -f -`` at install and removal, sends the frames).
@@ -76,14 +80,15 @@ def guard_ruleset(ifnames: Sequence[str], vips: Sequence[str], timeout: float) -
     if not 0.05 <= timeout <= 60:
         raise Misuse(f"guard_ruleset: timeout {timeout} s is not 0.05..60")
     v4 = sorted({str(parse_vip(v).ip) for v in vips if parse_vip(v).version == 4})
+    v6 = sorted({str(parse_vip(v).ip) for v in vips if parse_vip(v).version == 6})
     ms = round(timeout * 1000)
-    elements = f"elements = {{ {', '.join(v4)} }}; " if v4 else ""
     lines = [
         f"table netdev {GUARD_TABLE} {{}}",
         f"delete table netdev {GUARD_TABLE}",
         f"table netdev {GUARD_TABLE} {{",
         "  set alive { type ifname; flags dynamic,timeout; }",
-        f"  set vips {{ type ipv4_addr; {elements}}}",
+        f"  set vips {{ type ipv4_addr; {_elements(v4)}}}",
+        f"  set vips6 {{ type ipv6_addr; {_elements(v6)}}}",
     ]
     for ifname in sorted(set(ifnames)):
         _check_ifname(ifname)
@@ -94,10 +99,16 @@ def guard_ruleset(ifnames: Sequence[str], vips: Sequence[str], timeout: float) -
             "drop",
             f"    ether type {SHUT_ETHERTYPE:#06x} delete @alive {{ oifname }} drop",
             "    arp saddr ip @vips oifname != @alive drop",
+            "    ip6 saddr @vips6 icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } "
+            "oifname != @alive drop",
             "  }",
         ]
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def _elements(addresses: Sequence[str]) -> str:
+    return f"elements = {{ {', '.join(addresses)} }}; " if addresses else ""
 
 
 def _check_ifname(ifname: str) -> None:

@@ -32,11 +32,15 @@ def test_ruleset_replaces_the_table_and_guards_each_interface() -> None:
     assert "ether type 0x88b5 update @alive { oifname timeout 500ms } drop" in script
     assert "ether type 0x88b6 delete @alive { oifname } drop" in script
     assert script.count("arp saddr ip @vips oifname != @alive drop") == 2
-    assert "fd00::1" not in script  # IPv6 VIPs are not guarded (no ARP)
+    # IPv6: neighbour discovery sourced from a VIP (the NA answering for it).
+    assert "  set vips6 { type ipv6_addr; elements = { fd00::1 }; }" in lines
+    nd = "ip6 saddr @vips6 icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert }"
+    assert script.count(f"{nd} oifname != @alive drop") == 2
 
 
-def test_ruleset_without_ipv4_vips_has_an_empty_set() -> None:
+def test_ruleset_without_vips_of_a_family_has_an_empty_set() -> None:
     assert "  set vips { type ipv4_addr; }" in guard_ruleset(["up0"], ["fd00::1"], 1.0)
+    assert "  set vips6 { type ipv6_addr; }" in guard_ruleset(["up0"], ["10.1.0.1"], 1.0)
 
 
 @pytest.mark.parametrize(
