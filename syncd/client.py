@@ -244,7 +244,7 @@ def page_records(chunk: pb.SnapshotChunk, origin: str, cursor: bytes) -> list[Fl
     """Validate one bulk snapshot page; :class:`BadMessage` and nothing applied if bad."""
     if len(chunk.records) > MAX_PAGE_RECORDS or len(chunk.next_cursor) > MAX_KEY_LEN:
         raise BadMessage("bad-snapshot-page", "too many records or cursor too long")
-    chunk.DiscardUnknownFields()  # records keep their encoding (FlowRecord.body)
+    chunk.DiscardUnknownFields()  # records keep their encoding (FlowRecord.wire)
     records = [record_from_pb(r) for r in chunk.records]
     previous = cursor
     for record in records:

@@ -109,7 +109,7 @@ class FrameDecoder:
                 frame = lpb.LocalFrame.FromString(bytes(buf[offset + _HEADER.size : end]))
             except DecodeError as e:
                 raise BadMessage("bad-frame", f"does not parse: {e}") from None
-            frame.DiscardUnknownFields()  # records keep their encoding (FlowRecord.body)
+            frame.DiscardUnknownFields()  # records keep their encoding (FlowRecord.wire)
             frames.append(frame)
             offset = end
         del buf[:offset]

@@ -227,17 +227,58 @@ class ReplicaStore:
         """
         changes: list[Change] = []
         counts = Counter[Outcome]()
-        sweeps = self._sweeps
-        upsert = self._upsert
-        live_get = self._live.get
+        sweeps, live, tombstones = self._sweeps, self._live, self._tombstones
+        capacity = self._config.capacity
+        append = changes.append
+        new, upsert = _new, self._upsert
+        # Per origin, looked up again whenever it changes or the slow path
+        # ran (it may drop an origin's key set or its sorted index).
+        origin: str | None = None
+        sweep: set[bytes] | None = None
+        keys: set[bytes] | None = None
+        added: list[bytes] | None = None
+        orphaned = False
+        fresh = 0
         for record in records:
-            sweep = sweeps.get(record.origin) if sweeps else None
+            key = record.key
+            if record.origin != origin:
+                origin = record.origin
+                sweep = sweeps.get(origin)
+                keys = self._by_origin.get(origin)
+                added = self._added.get(origin)
+                orphaned = origin in self._left
             if sweep is not None:
-                sweep.add(record.key)
-            outcome, change = upsert(record, live_get(record.key), now)
+                sweep.add(key)
+            if (
+                keys is not None
+                and not orphaned
+                and key not in live
+                and key not in tombstones
+                and len(live) < capacity
+                and (added is None or len(added) < 2 * len(keys) + 1024)
+            ):
+                # The common case of a snapshot page, inline: a new key (so
+                # also new to its origin's set) and nothing to compare with.
+                # Every other case takes _upsert.
+                replica = new(Replica)
+                _REP_RECORD(replica, record)
+                _REP_DEADLINE(replica, now + record.timeout)
+                live[key] = replica
+                keys.add(key)
+                if added is not None:
+                    added.append(key)
+                change = new(Change)
+                _CH_KIND(change, ChangeKind.UPSERT)
+                _CH_RECORD(change, record)
+                append(change)
+                fresh += 1
+                continue
+            outcome, done = upsert(record, live.get(key), now)
             counts[outcome] += 1
-            if change is not None:
-                changes.append(change)
+            if done is not None:
+                append(done)
+            origin = None  # the slow path may have changed the per-origin state
+        counts[Outcome.APPLIED] += fresh
         for outcome, n in counts.items():
             self._counts[_COUNTER[outcome]] += n
         return changes, counts[Outcome.FULL]

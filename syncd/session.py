@@ -813,7 +813,7 @@ class PeerSession:
     def _on_batch(self, msg: pb.Envelope, now: float, actions: list[Action]) -> None:
         batch = msg.batch
         self._check_peer_stream(batch.origin, batch.epoch, "batch")
-        # Records keep their received encoding (FlowRecord.body) and are
+        # Records keep their received encoding (FlowRecord.wire) and are
         # forwarded as is: a peer's unknown fields stop here.
         batch.DiscardUnknownFields()
         if not 1 <= len(batch.deltas) <= MAX_BATCH_DELTAS:

@@ -26,6 +26,7 @@ from syncd.records import (
     record_from_pb,
     record_to_pb,
     record_wire,
+    varint,
     with_version,
 )
 
@@ -257,8 +258,33 @@ def test_delta_wire_round_trip_and_created() -> None:
 def test_with_version_keeps_the_body_and_checks_the_version() -> None:
     rec = record()
     body = record_body(rec)
+    assert pb.FlowRecord.FromString(body).version == 0
     moved = with_version(rec, rec.version + 5)
-    assert moved.version == rec.version + 5 and moved.body == body
-    assert dataclasses.replace(rec, state="CLOSE").body == b""  # never a stale cache
+    assert moved.version == rec.version + 5 and record_body(moved) == body
+    assert pb.FlowRecord.FromString(moved.wire) == record_to_pb(moved)
+    assert dataclasses.replace(rec, state="CLOSE").wire == b""  # never a stale cache
     with pytest.raises(Misuse):
         with_version(rec, 0)
+
+
+@given(msg=_PB_RECORDS, version=st.integers(1, MAX_U63))
+def test_the_cached_wire_parses_to_the_record(msg: pb.FlowRecord, version: int) -> None:
+    try:
+        rec = record_from_pb(msg)
+    except BadMessage:
+        return
+    assert rec.wire == record_to_pb(rec).SerializeToString()
+    moved = with_version(rec, version)
+    assert pb.FlowRecord.FromString(moved.wire) == record_to_pb(moved)
+    again = record_from_pb(pb.FlowRecord.FromString(moved.wire))
+    assert again == moved and again.wire == record_to_pb(moved).SerializeToString()
+    # Stamped twice: still the last version, and never more than one extra field.
+    twice = with_version(again, version)
+    assert pb.FlowRecord.FromString(twice.wire).version == version
+    assert len(twice.wire) == len(again.wire) + 1 + len(varint(version))
+
+
+@given(n=st.integers(0, MAX_U63))
+def test_varint_is_protobufs(n: int) -> None:
+    assert pb.FlowRecord.FromString(b"\x60" + varint(n)).version == n
+    assert varint(n) == pb.FlowRecord(version=n).SerializeToString()[1:] or n == 0

@@ -253,11 +253,17 @@ def test_config_is_validated(config: dict[str, float]) -> None:
         ),
         max_size=40,
     ),
-    page=st.lists(st.tuples(st.integers(0, 5), st.integers(1, 6)), max_size=20),
+    page=st.lists(
+        st.tuples(st.integers(0, 9), st.integers(1, 6), st.sampled_from(["fw1", "fw2"])),
+        max_size=20,
+    ),
     sweep=st.booleans(),
+    capacity=st.sampled_from([4, 64]),
+    indexed=st.booleans(),
+    left=st.sampled_from([None, "fw1", "fw2"]),
 )
-def test_upsert_many_is_apply_update_in_a_loop(ops, page, sweep) -> None:
-    config = ReplicaConfig(capacity=4)
+def test_upsert_many_is_apply_update_in_a_loop(ops, page, sweep, capacity, indexed, left) -> None:
+    config = ReplicaConfig(capacity=capacity)
     one, many = ReplicaStore(config), ReplicaStore(config)
     for store in (one, many):
         for k, v, origin, delete in ops:
@@ -265,15 +271,22 @@ def test_upsert_many_is_apply_update_in_a_loop(ops, page, sweep) -> None:
             store.apply(op, make_record(b"k%d" % k, origin, v), 1.0)
         if sweep:
             store.begin_sweep("fw1")
-    records = [make_record(b"k%d" % k, "fw1", v) for k, v in page]
+        if indexed:  # a snapshot was served: keys added from now on are tracked
+            store.snapshot_page("fw1", b"", 1)
+        if left is not None:
+            store.origin_left(left, 1.5)
+    records = [make_record(b"k%d" % k, origin, v) for k, v, origin in page]
     outcomes = [one.apply(Op.UPDATE, r, 2.0) for r in records]
     got, full = many.upsert_many(records, 2.0)
     assert got == [c for _, c in outcomes if c is not None]
     assert full == sum(1 for o, _ in outcomes if o is Outcome.FULL)
     assert one.statistics() == many.statistics()
     assert sorted(one.records(), key=lambda r: r.key) == sorted(many.records(), key=lambda r: r.key)
+    for origin in ("fw1", "fw2"):  # the same snapshot index
+        assert one.snapshot_page(origin, b"", 100) == many.snapshot_page(origin, b"", 100)
     if sweep:
         assert one.end_sweep("fw1", 3.0) == many.end_sweep("fw1", 3.0)
+    assert one.expire(1e6) == many.expire(1e6)  # the same orphans
 
 
 def test_count_per_origin_follows_the_live_records() -> None:
