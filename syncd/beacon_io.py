@@ -130,6 +130,7 @@ class BeaconService:
         self._thread_errors = 0
         self._last_error_log = -math.inf
         self._stopping = threading.Event()
+        self._round_now = threading.Event()  # a fresh notice: send a round at once
         self._sock: socket.socket | None = None
         self._address: tuple[str, int] | None = None  # kept: readable after stop()
         self._wake_r: socket.socket | None = None
@@ -171,10 +172,7 @@ class BeaconService:
         if self._stopping.is_set():
             return
         self._stopping.set()
-        if self._wake_w is not None:
-            # If this fails the thread still ends: it polls with a timeout of one interval.
-            with contextlib.suppress(OSError):
-                self._wake_w.send(b"x")
+        self._wake()
         if self._thread is not None:
             self._thread.join(JOIN_TIMEOUT)
             if self._thread.is_alive():
@@ -237,6 +235,19 @@ class BeaconService:
                 p: (e, peers[p] if p in peers else old[p][1] if p in old else None)
                 for p, e in notices.items()
             }
+            fresh = any(old.get(p, (0, None))[0] != e for p, e in notices.items())
+        if fresh:
+            # A new revocation: tell the peer now, not at the next round (up to
+            # an interval away).  The takers claim its VIPs takeover_guard
+            # after its record goes; until the notice lands it answers ARP.
+            self._round_now.set()
+            self._wake()
+
+    def _wake(self) -> None:
+        if self._wake_w is not None:
+            # If this fails the thread still wakes: it polls with a timeout of one interval.
+            with contextlib.suppress(OSError):
+                self._wake_w.send(b"x")
 
     def heard(self) -> dict[str, float]:
         """Peer -> clock time of its last accepted beacon (peers heard at least once)."""
@@ -285,7 +296,14 @@ class BeaconService:
         for fd, _ in poller.poll(wait_ms):
             if self._sock is not None and fd == self._sock.fileno():
                 self._drain()
+            elif self._wake_r is not None and fd == self._wake_r.fileno():
+                with contextlib.suppress(OSError):
+                    self._wake_r.recv(64)
         now = self._clock()
+        if self._round_now.is_set():
+            self._round_now.clear()
+            self._round(now)  # an extra round; the grid stays as it was
+            return due
         if now < due:
             return due
         self._round(now)

@@ -321,3 +321,41 @@ def test_the_thread_survives_unexpected_errors(caplog: pytest.LogCaptureFixture)
         flaky.stop()
         listener.stop()
     assert not flaky.statistics().running
+
+
+def test_a_fresh_notice_goes_at_once_not_at_the_next_round() -> None:
+    """Rounds every 2 s here: a new revocation must still arrive within ms."""
+    pair = {
+        n: BeaconService(
+            cluster_id="prod",
+            node_id=n,
+            epoch=1,
+            bind=("127.0.0.1", 0),
+            key=KEY,
+            interval=2.0,
+            alive_within=60.0,
+        )
+        for n in ("fw1", "fw2")
+    }
+    fired = threading.Event()
+    try:
+        for s in pair.values():
+            s.start()
+        addresses = {n: s.address for n, s in pair.items()}
+        for s in pair.values():
+            s.set_peers(addresses)
+        pair["fw2"].set_own_epoch(7)
+        pair["fw2"].on_revoked(lambda peer, epoch: fired.set())
+        time.sleep(0.2)  # the first rounds went; the next is ~1.8 s away
+        started = time.monotonic()
+        pair["fw1"].set_notices({"fw2": 7})
+        assert fired.wait(SOON), "the notice waited for the next round"
+        assert time.monotonic() - started < SOON
+        time.sleep(0.1)  # fw1 counts its round after the sends: fw2 may have fired first
+        rounds = pair["fw1"].statistics().rounds
+        pair["fw1"].set_notices({"fw2": 7})  # the same notice again: no extra round
+        time.sleep(0.2)
+        assert pair["fw1"].statistics().rounds == rounds
+    finally:
+        for s in pair.values():
+            s.stop()
