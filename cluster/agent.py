@@ -10,9 +10,10 @@ tested in ``tests/unit/test_agent*.py``:
 * **Syncing gate.**  A node that starts or rejoins owns nothing until
   syncd's bulk recovery is done *and* the filter reports its table synced
   (``require_filter``); without a filter it stays syncing and says so.
-* **Suspicion -> confirmation.**  A peer silent for more than
-  ``suspect_after`` (syncd's heartbeat silence; a member never heard since
-  it joined only after ``join_grace``) is a suspect.  The agent confirms by
+* **Suspicion -> confirmation.**  A peer silent for more than its window
+  (``suspect_after``, stretched on a lossy link by :mod:`cluster.liveness`
+  from its beacons' measured loss; a member never heard since it joined
+  only after ``join_grace``) is a suspect.  The agent confirms by
   revoking the suspect's lease, only while this node is ``up``, etcd is
   healthy and it sees a strict majority of the members alive (heard within
   ``suspect_after / 2``), or exactly half including the lowest node id
