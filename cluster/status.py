@@ -60,6 +60,10 @@ EVENT_KINDS: Final = frozenset({
 TABLE_WARN: Final = 0.70  # same threshold as the StockadeFlowTableHighUsage alert
 TABLE_CRIT: Final = 0.90
 LAG_WARN_MS: Final = 100.0  # a p99 above this means replicas trail by a visible amount
+# Beacon loss from a peer above this is worth an operator's look: a LAN
+# link should lose nothing, and from about 25 % on (cluster.liveness) the
+# agent stretches that peer's suspicion window.
+LOSS_WARN: Final = 0.05
 FAILOVER_TARGET_MS: Final = 300.0  # the StockadeFailoverSlow alert's threshold
 _GONE_ON_PURPOSE: Final = frozenset({"left", "drained"})
 _MAX_EVENT_BYTES: Final = 4096
@@ -123,6 +127,7 @@ class PeerLink:
     state: str | None  # as the reporting node sees the peer
     lag_p99_ms: float | None
     outbox: int | None
+    beacon_loss: float | None = None  # recent loss of the peer's beacons, 0..1
 
 
 @dataclass(frozen=True, slots=True)
@@ -414,6 +419,7 @@ def _node(
                 f.get(link, "state", kind=str),
                 f.get(link, "lag_p99_ms", kind=float),
                 f.get(link, "outbox", kind=int),
+                f.get(link, "beacon_loss", kind=float),
             )
             for peer, link in sorted(peers.items())
         ),
@@ -558,6 +564,9 @@ def _node_problems(
             add(warn, "peer-" + p.state, f"sees peer {p.peer} {p.state}")
         if p.lag_p99_ms is not None and p.lag_p99_ms > LAG_WARN_MS:
             add(warn, "sync-lag", f"sync lag p99 to {p.peer} {p.lag_p99_ms:.0f} ms")
+        if p.beacon_loss is not None and p.beacon_loss >= LOSS_WARN and p.peer in live:
+            add(warn, "link-loss", f"loses {p.beacon_loss:.0%} of {p.peer}'s beacons "
+                "(its suspicion waits longer; failover from it is slower)")  # fmt: skip
     return out
 
 
@@ -642,7 +651,12 @@ def _node_json(n: NodeView) -> dict[str, Any]:
             "usage": n.table_usage,
         },
         "peers": {
-            p.peer: {"state": p.state, "lag_p99_ms": p.lag_p99_ms, "outbox": p.outbox}
+            p.peer: {
+                "state": p.state,
+                "lag_p99_ms": p.lag_p99_ms,
+                "outbox": p.outbox,
+                "beacon_loss": p.beacon_loss,
+            }
             for p in n.peers
         },
         "resync": {"active": n.resync_active, "progress": n.resync_progress},

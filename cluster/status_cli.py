@@ -532,11 +532,12 @@ def _sync_lines(view: ClusterView) -> list[str]:
             f"{p.peer} {p.state or '?'} "
             + ("-" if p.lag_p99_ms is None else f"{p.lag_p99_ms:.1f}ms")
             + ("" if p.outbox is None else f"/{p.outbox}")
+            + ("" if not p.beacon_loss else f" loss {p.beacon_loss:.0%}")
             for p in n.peers
         ]
         lines.append("  " + _fit(f"{n.node_id:<12} -> " + ", ".join(parts), WIDTH - 2))
     if lines:
-        lines = ["", "SYNC (peer, state, lag p99 / outbox)", *lines]
+        lines = ["", "SYNC (peer, state, lag p99 / outbox, beacon loss)", *lines]
     return lines
 
 

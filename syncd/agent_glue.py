@@ -94,12 +94,14 @@ class _View:
         node = self.node
         stats = node.store.statistics()
         own = node.store.count(node.config.node_id)  # O(1): this runs every status_interval
+        loss = self.beacons_loss()
         peers: dict[str, dict[str, Any]] = {}
         for peer, link in node.links.items():
             link_stats = link.statistics()
             peers[peer] = {
                 "lag_p99_ms": self._recent_lag_p99_ms(peer, link_stats.lag),
                 "outbox": link_stats.outbox.held,
+                "beacon_loss": round(loss[peer], 4) if peer in loss else None,
             }
         return {
             "flows": {

@@ -259,6 +259,21 @@ def test_sync_lag_filter_and_etcd_problems():
     assert v.health is Health.DEGRADED
 
 
+def test_beacon_loss_from_a_live_peer_is_a_problem_and_shown():
+    s = healthy()
+    s["statuses"]["fw1"] = status(
+        "fw1", vips=["10.10.0.101"],
+        peers={"fw2": {"state": "up", "lag_p99_ms": 1.0, "outbox": 0, "beacon_loss": 0.48},
+               "fw3": {"state": "up", "lag_p99_ms": 1.0, "outbox": 0, "beacon_loss": 0.01}},
+    )  # fmt: skip
+    v = build_view(Snapshot(**s), NOW)
+    losses = [p for p in v.problems if p.code == "link-loss"]
+    assert [(p.subject, "fw2" in p.text, "48%" in p.text) for p in losses] == [("fw1", True, True)]
+    fw1 = next(n for n in v.nodes if n.node_id == "fw1")
+    assert {p.peer: p.beacon_loss for p in fw1.peers} == {"fw2": 0.48, "fw3": 0.01}
+    assert "fw2 up 1.0ms/0 loss 48%" in render(v)
+
+
 # --- VIPs --------------------------------------------------------------------------------
 
 
@@ -359,7 +374,7 @@ VIPS
   10.10.0.101                              fw1          fw1                            ok
   10.10.0.102                              fw2          fw2                            ok
 
-SYNC (peer, state, lag p99 / outbox)
+SYNC (peer, state, lag p99 / outbox, beacon loss)
   fw1          -> fw2 up 1.8ms/0
   fw2          -> fw1 up 2.5ms/3
 
