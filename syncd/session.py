@@ -32,7 +32,9 @@ a reconnect the sender resends from the first unapplied delta.  When that
 is no longer in the outbox (overflow, or a peer that was away too long) the
 sender says ``ResyncRequired``; the receiver then pulls a snapshot of the
 origin's flows page by page (``SnapshotRequest``/``SnapshotChunk``, retried
-after ``resend_after``).  Deltas are dropped until the first page gives the
+after the measured page round trip, at least ``resend_after``; a reply for
+the current cursor is taken whichever retry of this pull it answers).
+Deltas are dropped until the first page gives the
 snapshot's base seq (they are in the snapshot or still in the outbox), then
 flow again while the pages arrive; finally the receiver sweeps away that
 origin's records that neither the snapshot nor a later delta confirmed.  A new epoch of the
@@ -104,6 +106,8 @@ MAX_SEEN: Final = 1024  # cursors in one Hello
 # A resend or snapshot-request retry without progress doubles its wait, up
 # to resend_after * 2**MAX_BACKOFF (RFC 6298 s5.5); progress resets it.
 MAX_BACKOFF: Final = 5
+# Seconds to wait for a snapshot page's reply before a round trip was measured.
+INITIAL_PAGE_RTO: Final = 1.0
 
 
 class State(StrEnum):
@@ -387,7 +391,11 @@ class Inbox:
         self.cursor = b""  # page to ask for next; b"" = (re)start the snapshot
         self.base: int | None = None  # first page's base_seq (None: not received yet)
         self.required = 0  # the snapshot's base must reach this seq
-        self.request_id = 0  # id of the latest request; older replies are ignored
+        self.request_id = 0  # id of the latest request
+        # First request id of the pull attempt in progress: replies to earlier
+        # ids (a pull since restarted) are ignored.  Within an attempt, a
+        # reply for the current cursor is taken whichever retry it answers.
+        self.attempt_from = 1
         self.deferred = False  # deltas were dropped while waiting for the base
         self._counts = dict.fromkeys(
             ("deltas_applied", "duplicates", "out_of_order", "deferred", "snapshots_started",
@@ -408,6 +416,7 @@ class Inbox:
         self.pulling = True
         self.cursor = b""
         self.base = None
+        self.attempt_from = self.request_id + 1
 
     def accept(self, deltas: list[Delta]) -> tuple[list[Delta], bool]:
         """The deltas to apply now (in order) and whether a hole was found.
@@ -901,7 +910,7 @@ class PeerSession:
         inbox = self._inbox
         if (
             not inbox.pulling
-            or chunk.request_id != inbox.request_id
+            or not inbox.attempt_from <= chunk.request_id <= inbox.request_id
             or chunk.cursor != inbox.cursor
         ):
             self._counts["stale_dropped"] += 1
@@ -1022,9 +1031,16 @@ class PeerSession:
         self._counts["page_rtt_samples"] += 1
 
     def _page_rto(self) -> float:
-        """How long to wait for a page's reply before asking again (RFC 6298: SRTT + 4 RTTVAR)."""
+        """How long to wait for a page's reply before asking again (RFC 6298: SRTT + 4 RTTVAR).
+
+        Before any sample, 1 s (RFC 6298 s2.1): the first page of a large
+        snapshot makes the peer merge or sort every key first, and each retry
+        of it made the peer do that again.  The stream is reliable, so a
+        retry only helps when the peer refused the request (too many pages
+        queued); waiting longer for the first reply costs nothing else.
+        """
         if self._page_srtt is None:
-            return 0.0
+            return INITIAL_PAGE_RTO
         return self._page_srtt + 4 * self._page_rttvar
 
     def _retransmit(self, now: float) -> None:

@@ -13,6 +13,7 @@ from syncd.errors import BadMessage, ConfigError, Misuse, PeerError
 from syncd.records import Delta, Op, record_to_pb
 from syncd.replica import ReplicaConfig, ReplicaStore
 from syncd.session import (
+    INITIAL_PAGE_RTO,
     TRANSITIONS,
     Action,
     Event,
@@ -277,7 +278,7 @@ def test_hello_is_resent_until_the_peer_shows_it_has_it() -> None:
     assert duo.state("a") is State.SYNCING and duo.state("b") is State.HELLO_SENT
     duo.advance(CFG.resend_after)
     assert "hello" in kinds(duo.out("a"))  # lost again
-    duo.advance(2 * CFG.resend_after)  # a's snapshot request was lost twice: its retry backs off
+    duo.advance(INITIAL_PAGE_RTO)  # a's snapshot request was lost: retried after the first RTO
     duo.exchange()
     assert duo.state("a") is State.LIVE and duo.state("b") is State.LIVE
     duo.advance(CFG.resend_after)
@@ -499,12 +500,37 @@ def test_multi_page_snapshot_and_stale_pages() -> None:
     duo.deliver("a", request)
     page = [m for m in duo.out("a") if m.HasField("snapshot_chunk")]
     assert len(page[0].snapshot_chunk.records) == 2 and not page[0].snapshot_chunk.last
-    duo.advance(CFG.resend_after)  # b retries with a new id: the first reply is now stale
-    duo.deliver("b", page)
-    assert duo.b.statistics().stale_dropped == 1
+    duo.advance(INITIAL_PAGE_RTO)  # no reply yet: b asks again, with a new id
+    retry = duo.out("b")
+    assert "snapshot_request" in kinds(retry)
+    duo.deliver("b", page)  # the first reply still answers the current cursor: taken
+    assert duo.b.statistics().stale_dropped == 0
+    duo.deliver("a", retry)
+    duo.deliver("b", [m for m in duo.out("a") if m.HasField("snapshot_chunk")])
+    assert duo.b.statistics().stale_dropped == 1  # the retry's reply: that page is done
     duo.exchange()
     assert duo.state("b") is State.LIVE
     assert duo.nodes["b"].inboxes["a"].statistics().pages == 3
+    assert duo.nodes["b"].replicas_of("a") == duo.nodes["a"].own_flows()
+
+
+def test_a_reply_from_before_a_pull_restarted_is_ignored() -> None:
+    config = SessionConfig(cluster_id=CLUSTER, snapshot_page=2)
+    duo = Duo(config)
+    for k in range(5):
+        emit(duo.nodes["a"], k)
+    duo.start()
+    duo.deliver("a", duo.out("b"))
+    duo.deliver("b", duo.out("a"))  # b: SYNCING, its request goes out
+    duo.deliver("a", duo.out("b"))
+    old = [m for m in duo.out("a") if m.HasField("snapshot_chunk")]
+    duo.b.request_resync(duo.now)  # the pull restarts (a new sweep) before the reply arrives
+    duo.deliver("b", old)
+    assert duo.b.statistics().stale_dropped == 1
+    assert duo.nodes["b"].inboxes["a"].statistics().pages == 0
+    duo.exchange()
+    assert duo.state("b") is State.LIVE
+    assert duo.nodes["b"].replicas_of("a") == duo.nodes["a"].own_flows()
     assert duo.nodes["b"].replicas_of("a") == duo.nodes["a"].own_flows()
 
 
