@@ -94,6 +94,9 @@ ISOLATED: Final = "isolated"  # GuardArp reason while an isolation probe is out
 _FAILOVER_FORGET: Final = 60.0  # a failover not completed within this is dropped
 _REGISTER_RETRY: Final = 0.5  # seconds between registration attempts
 _HEARD_KEEP: Final = 3600.0  # forget last-heard times of departed peers after this
+# Deadlines are met a little late on purpose: suspicion and the guard
+# compare with a strict ">" (and clocks are floats): tick just past them.
+_DEADLINE_SLACK: Final = 0.0005
 
 
 # --- actions ---------------------------------------------------------------------
@@ -345,6 +348,25 @@ class Agent:
             elif now - self._joined_at.get(peer, now) > self.config.join_grace:
                 found.add(peer)
         return frozenset(found)
+
+    def next_deadline(self, now: float) -> float | None:
+        """The earliest moment after ``now`` at which :meth:`tick` would decide
+        something new on its own (a peer crossing its suspicion window, a
+        takeover guard ending); None: nothing due.  The runner ticks at least
+        every ``config.tick`` and sooner when this is earlier, so a failover
+        does not wait for the tick grid (up to a tick, twice: at suspicion and
+        at the claim).  Beacons arriving meanwhile move a suspicion deadline
+        away; ticking at the old one is harmless.
+        """
+        due = [
+            self._last_heard[p] + self.window(p) + _DEADLINE_SLACK
+            for p in self.membership.members()
+            if p != self.node_id and p in self._heard_this_epoch and p not in self._suspected
+        ]
+        guard = self.config.takeover_guard
+        due += [at + guard + _DEADLINE_SLACK for at in self._left_at.values()]
+        later = [t for t in due if t > now]
+        return min(later) if later else None
 
     def window(self, peer: str) -> float:
         """Seconds of silence after which ``peer`` is a suspect (its link's loss considered)."""

@@ -212,11 +212,19 @@ class AgentRunner:
         if self._guard is not None:
             self._tasks.append(asyncio.create_task(self._keepalive_loop(), name="agent-keepalive"))
         while True:
-            await asyncio.sleep(self.config.tick)
+            await asyncio.sleep(self._until_next_step())
             stall, self._stall = self._stall, 0.0
             if stall:
                 await self._execute(self.agent.stalled(stall, time.monotonic()))
             await self._step(time.monotonic())
+
+    def _until_next_step(self) -> float:
+        """A tick, or less when the agent has a deadline sooner (``Agent.next_deadline``)."""
+        now = time.monotonic()
+        due = self.agent.next_deadline(now)
+        if due is None:
+            return self.config.tick
+        return min(self.config.tick, max(0.0, due - now))
 
     async def _probe_loop(self) -> None:
         """Measure how late the loop wakes; on a long stall take the addresses off at once.

@@ -87,9 +87,10 @@ class AgentConfig:
     # Seconds between VIP holder listings when nothing else prompts one.
     holders_interval: float = 0.25
     # Agent loop period; a loop late by more than stall_after is a stall.
-    # Each step of a takeover (suspicion, holder listing after the guard,
-    # claim) waits for a tick: 10 ms keeps that under the first TCP
-    # retransmission (200 ms) with the rest of the failover budget.
+    # The loop also wakes at the agent's own deadlines (a peer's suspicion
+    # window ending, a takeover guard ending: Agent.next_deadline), so a
+    # takeover does not wait for the tick grid; the tick bounds how late
+    # everything else (etcd results, filter state) is looked at.
     tick: float = 0.01
     # A loop stall longer than this fences the node (VIPs off, re-register):
     # peers may have revoked us meanwhile.  None: lease TTL / 2.

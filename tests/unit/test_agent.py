@@ -204,6 +204,28 @@ def test_a_lossy_link_stretches_the_suspicion_window() -> None:
     assert of(agent.tick(1.25), RevokePeer) == [RevokePeer("fw2", 1)]
 
 
+def test_next_deadline_is_the_next_suspicion_then_the_takeover_guard() -> None:
+    agent = up_agent("fw1")  # everyone heard at 0.0; SUSPECT 0.15
+    agent.heard("fw2", 1.0)
+    agent.heard("fw3", 1.05)
+    due = agent.next_deadline(1.1)
+    assert due is not None and 1.15 < due < 1.151  # fw2's window ends first
+    assert agent.suspects(due) == {"fw2"} and agent.suspects(1.149) == frozenset()
+    agent.heard("fw3", 1.2)
+    agent.etcd_result(True, 1.2)
+    agent.tick(due)  # fw2 is a suspect now: its deadline is spent
+    after = agent.next_deadline(due)
+    assert after is not None and 1.35 < after < 1.351  # fw3's
+    agent.member_event(MemberDeleted("fw2", next(_rev)), 1.3)
+    guard = agent.next_deadline(1.3)
+    assert guard is not None and 1.3 + CONFIG.takeover_guard < guard < 1.301 + CONFIG.takeover_guard
+
+
+def test_no_deadline_when_alone_and_nothing_pending() -> None:
+    agent = up_agent("fw1", nodes=("fw1",))
+    assert agent.next_deadline(5.0) is None
+
+
 def test_link_loss_outside_zero_to_one_is_misuse() -> None:
     agent = up_agent("fw1")
     with pytest.raises(Misuse):
