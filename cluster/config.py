@@ -17,7 +17,7 @@ Example::
       require_filter: true       # stay syncing until the filter reports synced
       join_grace: 6.0            # a new member is not suspected before it was heard or this passed
       drain_timeout: 10.0
-      takeover_guard: 0.02
+      takeover_guard: 0.01
       holders_interval: 0.25
 """
 
@@ -81,9 +81,11 @@ class AgentConfig:
     # Longest wait in draining for the other nodes to take the VIPs.
     drain_timeout: float = 10.0
     # After a peer's record vanished, wait this long before claiming the VIPs
-    # it held: the revoked node learns of it from its own watch within a few
-    # ms and takes its addresses off first.
-    takeover_guard: float = 0.02
+    # it held.  A revoked node that is alive stops answering ARP for them
+    # when the revoker's notice reaches its beacon thread (sent at once, a
+    # millisecond or two on a LAN; syncd.beacon_io), then takes its addresses
+    # off when its watch tells it; a dead one says nothing either way.
+    takeover_guard: float = 0.01
     # Seconds between VIP holder listings when nothing else prompts one.
     holders_interval: float = 0.25
     # Agent loop period; a loop late by more than stall_after is a stall.
