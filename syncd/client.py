@@ -34,7 +34,7 @@ from syncd._pb.stockade.sync.v1 import sync_pb2 as pb
 from syncd._pb.stockade.sync.v1 import sync_pb2_grpc as rpc
 from syncd.errors import BadMessage, Misuse
 from syncd.peers import Clock, EndReason, PeerLink
-from syncd.records import MAX_KEY_LEN, FlowRecord, record_from_pb
+from syncd.records import MAX_KEY_LEN, FlowRecord, records_from_pb
 from syncd.service import BULK_PAGE
 from syncd.session import MAX_PAGE_RECORDS
 from syncd.tls import TlsMaterial, channel_credentials, channel_options
@@ -245,7 +245,7 @@ def page_records(chunk: pb.SnapshotChunk, origin: str, cursor: bytes) -> list[Fl
     if len(chunk.records) > MAX_PAGE_RECORDS or len(chunk.next_cursor) > MAX_KEY_LEN:
         raise BadMessage("bad-snapshot-page", "too many records or cursor too long")
     chunk.DiscardUnknownFields()  # records keep their encoding (FlowRecord.wire)
-    records = [record_from_pb(r) for r in chunk.records]
+    records = records_from_pb(chunk.records)
     previous = cursor
     for record in records:
         if record.origin != origin:

@@ -55,7 +55,7 @@ from google.protobuf.message import DecodeError
 from syncd._pb.stockade.sync.v1 import local_pb2 as lpb
 from syncd._pb.stockade.sync.v1 import sync_pb2 as pb
 from syncd.errors import BadMessage, ConfigError
-from syncd.records import FlowRecord, Op, field_bytes, record_from_pb, record_wire, varint
+from syncd.records import FlowRecord, Op, field_bytes, record_wire, records_from_pb, varint
 from syncd.replica import Change, ChangeKind
 
 log = logging.getLogger("syncd.local")
@@ -118,16 +118,19 @@ class FrameDecoder:
 
 def deltas_from_batch(deltas: Iterable[lpb.LocalDelta], node_id: str) -> LocalDeltas:
     """Validate a LocalBatch's deltas (every record ours); :class:`BadMessage` if any is bad."""
-    out: LocalDeltas = []
+    ops: list[Op] = []
+    msgs = []
     for delta in deltas:
         op = _OPS.get(delta.op)
         if op is None or not delta.HasField("record"):
             raise BadMessage("bad-local-delta", f"op {delta.op} or missing record")
-        record = record_from_pb(delta.record)
+        ops.append(op)
+        msgs.append(delta.record)
+    records = records_from_pb(msgs)  # every record, in one loop
+    for record in records:
         if record.origin != node_id:
             raise BadMessage("bad-local-delta", f"origin {record.origin!r} is not {node_id}")
-        out.append((op, record))
-    return out
+    return list(zip(ops, records, strict=True))
 
 
 # ReplicaUpdate op field (1) by change kind: REMOVE -> DELETE, UPSERT -> UPDATE.

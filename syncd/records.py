@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Final
@@ -45,11 +46,13 @@ __all__ = [
     "delta_from_pb",
     "delta_to_pb",
     "delta_wire",
+    "deltas_from_pb",
     "field_bytes",
     "record_body",
     "record_from_pb",
     "record_to_pb",
     "record_wire",
+    "records_from_pb",
     "trusted_delta",
     "varint",
     "with_version",
@@ -271,6 +274,55 @@ def record_from_pb(msg: pb.FlowRecord) -> FlowRecord:
     # fmt: on
 
 
+def records_from_pb(msgs: Iterable[pb.FlowRecord]) -> list[FlowRecord]:
+    """:func:`record_from_pb` of each, in one loop (snapshot pages, batches).
+
+    The common case (a state and an origin already validated, every field
+    in range) is checked and built inline; any other record goes through
+    :func:`record_from_pb`, which accepts it or raises the precise error.
+    So this accepts exactly what it accepts, with the same records.
+    """
+    out: list[FlowRecord] = []
+    append = out.append
+    addr_bytes, good_states, good_nodes = _ADDR_BYTES, _GOOD_STATES, _GOOD_NODES
+    new, from_bytes = _new, int.from_bytes
+    # fmt: off
+    (set_key, set_proto, set_family, set_src, set_sport, set_dst, set_dport, set_state,
+     set_assured, set_timeout, set_origin, set_version, set_wire) = _R_SETTERS
+    # fmt: on
+    for msg in msgs:
+        family, src, dst, key = msg.family, msg.orig_src, msg.orig_dst, msg.key
+        proto, sport, dport = msg.proto, msg.orig_sport, msg.orig_dport
+        state, timeout, origin, version = msg.state, msg.timeout, msg.origin, msg.version
+        size = addr_bytes.get(family)
+        if (
+            size is None or len(src) != size or len(dst) != size
+            or not 1 <= len(key) <= MAX_KEY_LEN
+            or proto > 255 or sport > 65535 or dport > 65535
+            or state not in good_states or origin not in good_nodes
+            or not 0 <= timeout <= MAX_TIMEOUT  # NaN fails too
+            or not 1 <= version <= MAX_U63
+        ):  # fmt: skip
+            append(record_from_pb(msg))
+            continue
+        r = new(FlowRecord)
+        set_key(r, key)
+        set_proto(r, proto)
+        set_family(r, family)
+        set_src(r, from_bytes(src, "big"))
+        set_sport(r, sport)
+        set_dst(r, from_bytes(dst, "big"))
+        set_dport(r, dport)
+        set_state(r, state)
+        set_assured(r, msg.assured)
+        set_timeout(r, timeout)
+        set_origin(r, origin)
+        set_version(r, version)
+        set_wire(r, msg.SerializeToString())
+        append(r)
+    return out
+
+
 def delta_to_pb(delta: Delta) -> pb.Delta:
     return pb.Delta.FromString(delta_wire(delta))
 
@@ -293,6 +345,36 @@ def delta_from_pb(msg: pb.Delta) -> Delta:
     if not 0 <= created <= MAX_CREATED:  # NaN fails too
         raise BadMessage("bad-delta", f"created {created!r} out of range")
     return trusted_delta(op, origin, seq, record, created)
+
+
+def deltas_from_pb(msgs: Iterable[pb.Delta]) -> list[Delta]:
+    """:func:`delta_from_pb` of each, the records converted in one loop (batches).
+
+    Accepts and refuses what :func:`delta_from_pb` does; when several are
+    bad, the error raised may be another one's (the ops are checked first,
+    then every record, then the rest).
+    """
+    msgs = list(msgs)
+    ops = []
+    for msg in msgs:
+        op = _OP_FROM_PB.get(msg.op)
+        if op is None or not msg.HasField("record"):
+            delta_from_pb(msg)  # raises the precise error
+        ops.append(op)
+    records = records_from_pb([msg.record for msg in msgs])
+    out = []
+    for msg, op, record in zip(msgs, ops, records, strict=True):
+        origin, seq, created = msg.origin, msg.seq, msg.created
+        if (
+            origin != record.origin
+            or not 1 <= seq <= MAX_U63
+            or not 0 <= created <= MAX_CREATED  # NaN fails too
+            or op is None
+        ):
+            delta_from_pb(msg)  # raises the precise error
+            raise AssertionError("delta_from_pb accepted what deltas_from_pb refused")
+        out.append(trusted_delta(op, origin, seq, record, created))
+    return out
 
 
 # --- serialized forms, built once and shared -------------------------------------------
@@ -399,12 +481,13 @@ def with_version(record: FlowRecord, version: int) -> FlowRecord:
 # Building a record from values already checked: the slot descriptors
 # directly, skipping __init__ and __post_init__ (five times cheaper).
 _new = object.__new__
-(_R_KEY, _R_PROTO, _R_FAMILY, _R_SRC, _R_SPORT, _R_DST, _R_DPORT, _R_STATE, _R_ASSURED,
- _R_TIMEOUT, _R_ORIGIN, _R_VERSION, _R_WIRE) = (
+_R_SETTERS: Final = tuple(
     FlowRecord.__dict__[name].__set__
     for name in ("key", "proto", "family", "orig_src", "orig_sport", "orig_dst", "orig_dport",
                  "state", "assured", "timeout", "origin", "version", "wire")
 )  # fmt: skip
+(_R_KEY, _R_PROTO, _R_FAMILY, _R_SRC, _R_SPORT, _R_DST, _R_DPORT, _R_STATE, _R_ASSURED,
+ _R_TIMEOUT, _R_ORIGIN, _R_VERSION, _R_WIRE) = _R_SETTERS  # fmt: skip
 _D_OP, _D_ORIGIN, _D_SEQ, _D_RECORD, _D_CREATED, _D_WIRE = (
     Delta.__dict__[name].__set__ for name in ("op", "origin", "seq", "record", "created", "wire")
 )

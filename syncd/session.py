@@ -89,11 +89,11 @@ from syncd.records import (
     FlowRecord,
     Op,
     check_node_id,
-    delta_from_pb,
     delta_wire,
+    deltas_from_pb,
     field_bytes,
-    record_from_pb,
     record_wire,
+    records_from_pb,
     trusted_delta,
     varint,
 )
@@ -827,7 +827,7 @@ class PeerSession:
         batch.DiscardUnknownFields()
         if not 1 <= len(batch.deltas) <= MAX_BATCH_DELTAS:
             raise BadMessage("bad-batch", f"{len(batch.deltas)} deltas")
-        deltas = [delta_from_pb(d) for d in batch.deltas]
+        deltas = deltas_from_pb(batch.deltas)
         first = deltas[0].seq
         for index, delta in enumerate(deltas):
             if delta.origin != self.peer:
@@ -943,7 +943,7 @@ class PeerSession:
         if not 0 <= chunk.base_seq <= MAX_U63:
             raise BadMessage("bad-snapshot-page", f"base_seq {chunk.base_seq}")
         chunk.DiscardUnknownFields()  # as in _on_batch
-        records = [record_from_pb(r) for r in chunk.records]
+        records = records_from_pb(chunk.records)
         previous = bytes(chunk.cursor)
         for record in records:
             if record.origin != self.peer:

@@ -22,10 +22,12 @@ from syncd.records import (
     delta_from_pb,
     delta_to_pb,
     delta_wire,
+    deltas_from_pb,
     record_body,
     record_from_pb,
     record_to_pb,
     record_wire,
+    records_from_pb,
     varint,
     with_version,
 )
@@ -240,6 +242,78 @@ def test_fast_record_from_pb_agrees_with_the_constructor(msg: pb.FlowRecord) -> 
     # The wire form built from the cached body parses back to the same record.
     again = record_from_pb(pb.FlowRecord.FromString(record_wire(got)))
     assert again == got and record_to_pb(got) == pb.FlowRecord.FromString(record_wire(got))
+
+
+_BAD_FIELDS: dict[str, list[Any]] = {
+    "key": [b"", b"k" * 65],
+    "proto": [256],
+    "family": [0, 5],
+    "orig_src": [b"\x0a\0\0"],
+    "orig_sport": [65536],
+    "orig_dport": [70000],
+    "state": ["", "bad state", "X" * 33],
+    "timeout": [-1.0, float("nan"), float("inf")],
+    "origin": ["", "Fw1", "a" * 32],
+    "version": [0, 1 << 63],
+}
+
+
+def _one_bad(field: str, value: Any) -> pb.FlowRecord:
+    """A valid record (its state and origin seen before) with one field out of range."""
+    msg = record_to_pb(record())
+    setattr(msg, field, value)
+    return msg
+
+
+# Mostly valid records, some with exactly one bad field: a check missing
+# from one converter shows.
+_MOSTLY_VALID = st.one_of(
+    st.builds(lambda v: record_to_pb(record(version=v)), st.integers(1, 1000)),
+    st.sampled_from([_one_bad(f, v) for f, values in _BAD_FIELDS.items() for v in values]),
+    _PB_RECORDS,
+)
+
+
+def _outcome(convert: Any, arg: Any) -> Any:
+    try:
+        return convert(arg)
+    except BadMessage:
+        return BadMessage
+
+
+@settings(max_examples=300)
+@given(msgs=st.lists(_MOSTLY_VALID, max_size=6), repeat=st.booleans())
+def test_records_from_pb_is_record_from_pb_of_each(msgs: list[pb.FlowRecord], repeat: bool) -> None:
+    """The batch converter accepts and refuses what the single one does, with equal records."""
+    if repeat:  # valid states and origins already seen: the inline path
+        msgs = msgs + [pb.FlowRecord.FromString(m.SerializeToString()) for m in msgs]
+    record_from_pb(record_to_pb(record()))  # its state and origin are known: the inline path
+    singles = [_outcome(record_from_pb, m) for m in msgs]
+    got = _outcome(records_from_pb, msgs)
+    if BadMessage in singles:
+        assert got is BadMessage
+    else:
+        assert got == singles and [r.wire for r in got] == [r.wire for r in singles]
+
+
+@settings(max_examples=300)
+@given(
+    records=st.lists(_MOSTLY_VALID, min_size=1, max_size=4),
+    op=st.sampled_from([pb.OP_CREATE, pb.OP_DELETE, 0, 9]),
+    seq=st.sampled_from([0, 1, 2**40, 1 << 63]),
+    created=st.sampled_from([0.0, 1.7e9, -1.0, float("nan")]),
+    origin=st.sampled_from([None, "fw9"]),
+)
+def test_deltas_from_pb_is_delta_from_pb_of_each(
+    records: list[pb.FlowRecord], op: int, seq: int, created: float, origin: str | None
+) -> None:
+    msgs = [
+        pb.Delta(op=op, origin=origin or r.origin, seq=seq, record=r, created=created)  # type: ignore[arg-type]
+        for r in records
+    ]
+    singles = [_outcome(delta_from_pb, m) for m in msgs]
+    got = _outcome(deltas_from_pb, msgs)
+    assert got == (BadMessage if BadMessage in singles else singles)
 
 
 def test_delta_wire_round_trip_and_created() -> None:
