@@ -53,6 +53,7 @@ DEFAULT_TABLE_SIZE: Final = 16411
 DEFAULT_SALT: Final = b"stockade"
 BALANCE_FACTOR: Final = 100  # table slots per member needed for the 1 % bound
 _SUBRING_CACHE: Final = 32  # failover rings kept per ring by owners()
+_OWNERS_MEMO: Final = 4096  # owners() answers kept per ring
 _MAX_SALT: Final = 64  # BLAKE2b's largest key
 
 
@@ -88,7 +89,7 @@ class HashRing:
     1..64 bytes.
     """
 
-    __slots__ = ("_members", "_salt", "_subrings", "_table", "_table_size")
+    __slots__ = ("_members", "_owners", "_salt", "_subrings", "_table", "_table_size")
 
     def __init__(
         self,
@@ -105,6 +106,10 @@ class HashRing:
         self._salt = salt
         self._table = _populate(names, size, salt)
         self._subrings: dict[frozenset[str], HashRing] = {}
+        # owners() answers, memoized (the ring is immutable): the agent asks
+        # for every VIP's failover order on every tick.  Bounded: emptied
+        # when full, so keys asked once (flows) cannot grow it.
+        self._owners: dict[tuple[bytes, int], tuple[str, ...]] = {}
 
     @property
     def members(self) -> tuple[str, ...]:
@@ -137,11 +142,17 @@ class HashRing:
         """
         if n < 1:
             raise Misuse(f"owners() needs n >= 1, got {n}")
+        known = self._owners.get((key, n))
+        if known is not None:
+            return known
         chosen: list[str] = []
         for _ in range(min(n, len(self._members))):
             ring = self._without(frozenset(chosen)) if chosen else self
             chosen.append(ring.owner(key))
-        return tuple(chosen)
+        if len(self._owners) >= _OWNERS_MEMO:
+            self._owners.clear()
+        found = self._owners[(key, n)] = tuple(chosen)
+        return found
 
     def shares(self) -> dict[str, float]:
         """Each member's fraction of the table (the expected fraction of flows)."""

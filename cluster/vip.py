@@ -202,13 +202,12 @@ def plan_vips(
     waiting: list[str] = []
     seen: set[str] = set()
     for text in vips:
-        address = parse_vip(text).ip
-        vip = str(address)
+        vip, packed = _canonical(text)
         if vip in seen:
             continue
         seen.add(vip)
         holder = holders.get(vip)
-        order = _order(ring, address.packed, depth, (homes or {}).get(vip))
+        order = _order(ring, packed, depth, (homes or {}).get(vip))
         assignment = VipAssignment(vip, order, holder)
         assignments.append(assignment)
         mine = assignment.target == node_id
@@ -220,6 +219,13 @@ def plan_vips(
             release.append(vip)
     release.extend(sorted(v for v, h in holders.items() if h == node_id and v not in seen))
     return VipPlan(node_id, tuple(assignments), tuple(claim), tuple(release), tuple(waiting))
+
+
+@functools.lru_cache(maxsize=1024)
+def _canonical(text: str) -> tuple[str, bytes]:
+    """A VIP's canonical address text and packed bytes (what the ring hashes)."""
+    address = parse_vip(text).ip
+    return str(address), address.packed
 
 
 def _order(ring: HashRing, key: bytes, depth: int, home: str | None) -> tuple[str, ...]:

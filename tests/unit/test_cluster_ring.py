@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cluster.errors import EmptyRing, Misuse
-from cluster.ring import DEFAULT_TABLE_SIZE, HashRing, is_prime, moved
+from cluster.ring import _OWNERS_MEMO, DEFAULT_TABLE_SIZE, HashRing, is_prime, moved
 from node.flow.key import flow_key
 from node.packet import ACK, SYN, parse
 from tests.packets import tcp4, tcp6, udp4
@@ -210,3 +210,13 @@ def test_default_table_size_is_a_prime() -> None:
 def test_member_names_must_encode_as_utf8() -> None:
     with pytest.raises(Misuse):
         HashRing(["ok", "bad\udc80"])
+
+
+def test_owners_memo_is_bounded_and_answers_the_same() -> None:
+    ring = HashRing(["fw1", "fw2", "fw3"])
+    fresh = HashRing(["fw1", "fw2", "fw3"])
+    keys = [i.to_bytes(4, "big") for i in range(_OWNERS_MEMO + 100)]
+    for key in keys:
+        ring.owners(key, 2)
+    assert len(ring._owners) <= _OWNERS_MEMO
+    assert all(ring.owners(k, 2) == fresh.owners(k, 2) for k in keys[:50] + keys[-50:])
