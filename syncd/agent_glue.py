@@ -55,10 +55,7 @@ class _View:
         self.peers_set.set()
 
     def messages_received(self) -> Mapping[str, int]:
-        counts = {}
-        for peer, link in self.node.links.items():
-            counts[peer] = int(link.statistics().session.get("messages_received", 0))
-        return counts
+        return {peer: link.messages_received for peer, link in self.node.links.items()}
 
     def beacons_heard(self) -> Mapping[str, float]:
         beacons = self.node.beacons

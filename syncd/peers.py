@@ -488,6 +488,14 @@ class PeerLink:
     def _counters(stats: SessionStats) -> dict[str, int]:
         return {name: getattr(stats, name) for name in _COUNTED}
 
+    @property
+    def messages_received(self) -> int:
+        """Envelopes received from the peer over every stream so far, in O(1)
+        (the cluster agent's sign of life, read several times per tick)."""
+        current = self._current
+        now = current.session.messages_received if current is not None else 0
+        return self._totals["messages_received"] + now
+
     def statistics(self) -> PeerStats:
         totals = Counter(self._totals)
         current = self._current

@@ -272,6 +272,8 @@ def test_end_of_stream_is_peer_closed_and_a_reconnect_resumes() -> None:
         tb.close()
         ends = await asyncio.gather(*runs)
         assert {e.reason for e in ends} == {EndReason.PEER_CLOSED}
+        first = b.link.messages_received
+        assert first > 0 and first == b.link.statistics().session["messages_received"]
         for i in range(3):
             a.emit(b"k%d" % i)  # queued in the outbox while disconnected
         ta, tb = pipe()
@@ -279,6 +281,9 @@ def test_end_of_stream_is_peer_closed_and_a_reconnect_resumes() -> None:
         await until(lambda: len(list(b.store.records("a"))) == 3)
         assert b.link.statistics().resyncs == 1  # no new snapshot: deltas resumed
         assert a.link.statistics().outbox.acked == 3
+        # Over both streams, live one included, the O(1) count agrees with the snapshot's.
+        assert b.link.messages_received > first
+        assert b.link.messages_received == b.link.statistics().session["messages_received"]
         a.link.stop()
         b.link.stop()
         await asyncio.gather(*runs)
