@@ -28,9 +28,11 @@ tested in ``tests/unit/test_agent*.py``:
   from the watch), :func:`cluster.membership.should_fence`, or a loop stall
   longer than ``stall_limit``: drop every address first, then register
   again (a fresh lease and epoch) and go through syncing.
-* **ARP guard** (``cluster.arpguard``): shut while an isolation probe is
-  out (every peer fell silent: we may be the cut-off side, and the peers
-  claim our VIPs before the probe's deadline), reopened when etcd answers;
+* **ARP guard** (``cluster.arpguard``): shut when every peer fell silent
+  (we may be the cut-off side, and the peers claim our VIPs before a probe
+  of etcd can answer), reopened when etcd answers or a peer speaks again;
+  while neither happens it stays shut and the fence waits for etcd's
+  health grace (:meth:`Agent.etcd_probed`);
   shut by syncd's beacon thread when a peer says it revoked us
   (:meth:`Agent.revoked_notice` then fences); every reason is dropped when
   we register again.
@@ -297,6 +299,8 @@ class Agent:
         self._targeted: frozenset[str] = frozenset()  # VIPs the last plan gives us
         self._probing = False  # a ProbeEtcd is out
         self._probe_at = -math.inf  # when the last one went out
+        self._probe_wait = config.isolation_probe  # its deadline; doubles while unanswered
+        self._shut_isolated = False  # ARP guard shut by an isolation probe, not reopened yet
         self._quiet_until = now + suspect_after
         self._registering = False
         self._register_at = now
@@ -666,47 +670,69 @@ class Agent:
         The peers (if they are alive and together) revoke us about
         ``suspect_after`` after our last message reached them and claim our
         VIPs ``takeover_guard`` later; etcd's own grace is a whole lease TTL.
-        One probe per ``suspect_after`` while the silence lasts.  Called by
-        the runner from a task of its own, every tick: the main task may be
-        waiting on etcd (up to its timeout) exactly when etcd is cut off.
+        So ARP for our VIPs stops while we ask (the ARP guard: routers then
+        follow the peers' announcements, as they would after a fence), and
+        comes back when etcd answers or any peer is heard again.  One probe
+        per ``suspect_after`` while the silence lasts, each unanswered one
+        with twice the deadline (up to half the lease TTL): a slow etcd
+        answers eventually.  Called by the runner from a task of its own,
+        every tick: the main task may be waiting on etcd (up to its timeout)
+        exactly when etcd is cut off.
         """
         if self.state not in (NodeState.SYNCING, NodeState.UP, NodeState.DRAINING):
             return []
+        peers = set(self.membership.members()) - {self.node_id}
+        silent = bool(peers) and peers <= self.suspects(now)
+        if self._shut_isolated and not silent and not self._probing:
+            return self._reopen_isolated()  # a peer spoke: we are not the cut-off side
         if self.health.degraded(now):
             return []  # tick() decides with should_fence()
-        peers = set(self.membership.members()) - {self.node_id}
-        if (
-            not peers
-            or not peers <= self.suspects(now)
-            or now - self._probe_at < self.suspect_after
-        ):
+        if not silent or now - self._probe_at < self.suspect_after:
             return []
         # An answer always comes (the runner turns every failure into one);
         # a probe older than its deadline plus a window is forgotten anyway.
-        if (
-            self._probing
-            and now - self._probe_at < self.suspect_after + self.config.isolation_probe
-        ):
+        if self._probing and now - self._probe_at < self.suspect_after + self._probe_wait:
             return []
         self._probing, self._probe_at = True, now
-        # Stop answering ARP for our VIPs while we ask: if we are the cut-off
-        # side, the peers claim them ~40 ms after they stopped hearing us, and
-        # the probe's deadline is longer than that.  etcd answering reopens it.
-        return [GuardArp(False, ISOLATED), ProbeEtcd(self.config.isolation_probe)]
+        actions: list[Action] = [ProbeEtcd(self._probe_wait)]
+        if not self._shut_isolated:
+            self._shut_isolated = True
+            actions.insert(0, GuardArp(False, ISOLATED))
+        return actions
 
     def etcd_probed(self, ok: bool, now: float, error: str = "") -> list[Action]:
-        """The outcome of a :class:`ProbeEtcd`: fence at once if etcd is gone too."""
+        """The outcome of a :class:`ProbeEtcd`.
+
+        Answered: etcd is there, so we are not the isolated side (the peers
+        may all be dead; alive, they revoke us and the watch tells us): ARP
+        back on.  Unanswered while every peer is still silent: we may be the
+        cut-off side; ARP stays off, the next probe waits longer, and we
+        fence as soon as etcd's health grace runs out (:meth:`tick`) or our
+        lease is gone.  Fencing at the first unanswered probe turned a slow
+        etcd at the moment a peer died into an outage of the survivor.
+        """
         self._probing = False
-        reopen: list[Action] = [GuardArp(True, ISOLATED)]
         if ok:
             self.health.succeeded(now)
-            return reopen
+            return self._reopen_isolated()
         self.health.failed(now, error or "etcd probe timed out")
         live = self.state in (NodeState.SYNCING, NodeState.UP, NodeState.DRAINING)
         peers = set(self.membership.members()) - {self.node_id}
         if not live or not peers or not peers <= self.suspects(now):
-            return reopen  # someone spoke meanwhile: the tick decides as usual
-        return self._fence_isolated(now)  # shut until we register again
+            return self._reopen_isolated()  # someone spoke meanwhile: the tick decides as usual
+        first = self._probe_wait == self.config.isolation_probe
+        self._probe_wait = min(self._probe_wait * 2, self.config.etcd.lease_ttl / 2)
+        if not first:
+            return []
+        why = f"every peer silent and etcd did not answer within {self.config.isolation_probe} s"
+        return [Log("warning", f"{why}: ARP for our VIPs off while we keep asking")]
+
+    def _reopen_isolated(self) -> list[Action]:
+        self._probe_wait = self.config.isolation_probe
+        if not self._shut_isolated:
+            return []
+        self._shut_isolated = False
+        return [GuardArp(True, ISOLATED)]
 
     def _status_due(self, now: float, actions: list[Action]) -> list[Action]:
         if any(isinstance(a, PublishStatus) for a in actions):
@@ -898,6 +924,9 @@ class Agent:
         self._revoking.clear()
         self._register_at = now
         self._drain_started = None
+        # The runner reopens every guard reason when we register again.
+        self._shut_isolated = False
+        self._probe_wait = self.config.isolation_probe
 
     # --- failover measurement ------------------------------------------------------------
 

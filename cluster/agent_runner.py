@@ -247,7 +247,7 @@ class AgentRunner:
                 await self._drop_all(f"event loop stalled {lag:.3f} s")
 
     async def _isolation_loop(self) -> None:
-        """Probe etcd as soon as every peer falls silent; fence at once if it is gone too.
+        """Probe etcd as soon as every peer falls silent (ARP off until it answers).
 
         A task of its own: when the node is cut off from etcd, the main task
         is typically waiting on an etcd call (up to the etcd timeout, 1 s),

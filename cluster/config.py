@@ -106,11 +106,11 @@ class AgentConfig:
     # keeps answering ARP for its VIPs until they expire: this bounds that
     # window, which fencing cannot (a frozen process fences nothing).
     vip_lifetime: int = 2
-    # When every peer has fallen silent, ask etcd at once, with this deadline
-    # (seconds), whether we can still reach it: if not, we are the isolated
-    # side and fence now, before the peers (who revoke us within
-    # suspect_after + takeover_guard) claim our VIPs.  Without the probe we
-    # would notice only when etcd's grace (the lease TTL) ran out.
+    # When every peer has fallen silent, stop answering ARP for our VIPs and
+    # ask etcd, with this deadline (seconds), whether we can still reach it:
+    # an answer turns ARP back on; none keeps it off (we may be the isolated
+    # side, and the peers claim our VIPs within suspect_after + revoke +
+    # takeover_guard) and the next probe waits twice as long.
     isolation_probe: float = 0.05
     # Seconds of silence (no sync message, no UDP beacon) before a peer is a
     # suspect.  None: 0.1 s when syncd runs beacons (10 of them missed),

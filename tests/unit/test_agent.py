@@ -329,7 +329,7 @@ def test_fenced_node_with_an_address_left_retries_the_drop_before_registering() 
     assert of(agent.tick(3.2), Register)
 
 
-def test_every_peer_silent_probes_etcd_and_fences_at_once_if_it_is_gone_too() -> None:
+def test_every_peer_silent_and_etcd_gone_keeps_arp_off_then_fences_at_etcd_grace() -> None:
     agent = up_agent("fw1")
     agent.vip_result("10.9.0.1", True, True, 0.3)
     agent.etcd_result(True, 0.3)
@@ -342,10 +342,43 @@ def test_every_peer_silent_probes_etcd_and_fences_at_once_if_it_is_gone_too() ->
     assert state_of(agent) is NodeState.UP  # nothing dropped on silence alone
     assert agent.isolation_check(0.52) == []  # one probe out at a time
     acts = agent.etcd_probed(False, 0.55, "no answer within 0.05 s")
-    assert state_of(agent) is NodeState.FENCED
-    assert of(acts, DropVips) and "fenced" in kinds(acts)  # 0.25 s after the last message,
-    # where etcd's grace alone would have waited until 1.3 s
-    assert not of(acts, GuardArp)  # the guard stays shut until we register again
+    assert state_of(agent) is NodeState.UP and not of(acts, GuardArp)  # ARP stays off
+    assert [a.level for a in of(acts, Log)] == ["warning"]
+    # The next probe a suspicion window later, with twice the deadline; ARP still off.
+    assert agent.isolation_check(0.6) == []
+    assert agent.isolation_check(0.66) == [ProbeEtcd(2 * CONFIG.isolation_probe)]
+    assert agent.etcd_probed(False, 0.76) == []
+    # etcd's grace (the lease TTL, 1 s after its last answer at 0.3) ends it: fenced.
+    assert not of(agent.tick(1.2), DropVips)
+    acts = agent.tick(1.31)
+    assert state_of(agent) is NodeState.FENCED and of(acts, DropVips)
+
+
+def test_two_node_survivor_with_a_slow_etcd_is_not_fenced() -> None:
+    """fw2 died; etcd took longer than the first probe's deadline to answer.
+    Fencing there took the only node left down with it."""
+    agent = up_agent("fw1", ("fw1", "fw2"))
+    agent.etcd_result(True, 0.3)
+    agent.heard("fw2", 0.3)
+    assert of(agent.isolation_check(0.5), GuardArp) == [GuardArp(False, "isolated")]
+    assert agent.etcd_probed(False, 0.55, "no answer within 0.05 s")  # a warning only
+    probe = of(agent.isolation_check(0.66), ProbeEtcd)
+    assert probe == [ProbeEtcd(2 * CONFIG.isolation_probe)]
+    assert agent.etcd_probed(True, 0.72) == [GuardArp(True, "isolated")]  # slow, but there
+    assert state_of(agent) is NodeState.UP
+    # A later episode starts again from the configured deadline.
+    assert of(agent.isolation_check(0.83), ProbeEtcd) == [ProbeEtcd(CONFIG.isolation_probe)]
+
+
+def test_arp_comes_back_when_a_peer_speaks_after_an_unanswered_probe() -> None:
+    agent = up_agent("fw1", ("fw1", "fw2"))
+    agent.etcd_result(True, 0.3)
+    agent.heard("fw2", 0.3)
+    assert agent.isolation_check(0.5)
+    agent.etcd_probed(False, 0.55)
+    agent.heard("fw2", 0.58)
+    assert agent.isolation_check(0.59) == [GuardArp(True, "isolated")]
+    assert agent.isolation_check(0.6) == []
 
 
 def test_etcd_probe_answered_keeps_the_node_and_repeats_while_the_silence_lasts() -> None:
