@@ -29,6 +29,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -58,6 +59,20 @@ def cpu_seconds(d: Daemon) -> float:
 
 def cpu_used(c: Cluster, before: dict[str, float]) -> dict[str, float]:
     return {n: round(cpu_seconds(c[n]) - t, 2) for n, t in before.items()}
+
+
+# Seconds between the harness's `stats` queries of a syncd being measured:
+# each costs the syncd a few ms of its loop (the test cluster's wait_for
+# polls every 20 ms, a tenth of a core).
+STATS_POLL = 0.1
+
+
+def poll(check: Callable[[], bool], timeout: float, what: str) -> None:
+    start = time.monotonic()
+    while not check():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"{what}: not reached within {timeout} s")
+        time.sleep(STATS_POLL)
 
 
 def arrivals(f: Filter, origin: str) -> int:
@@ -199,7 +214,7 @@ def latency_run(nodes: int, rate: int, seconds: float, per_frame: int = 1) -> di
             fa.sock.sendall(frame)
         wanted = {r.key: i for i, r in enumerate(recs)}
         for n in ids[1:]:
-            wait_for(lambda n=n: c[n].stats()["local"]["replica_updates"] >= count, 60, "all")
+            poll(lambda n=n: c[n].stats()["local"]["replica_updates"] >= count, 60, "all")
         results: dict[str, Any] = {}
         for n, (_, conn) in zip(ids[1:], procs, strict=True):
             conn.send("stop")
@@ -230,7 +245,7 @@ def resync(c: Cluster, total: int) -> dict[str, float]:
         peer = stats["peers"]["fwa"]
         return bool(stats["store"]["live"] >= total and peer["resyncs"] and not peer["resyncing"])
 
-    wait_for(done, 600, "fwb pulls fwa's snapshot")
+    poll(done, 600, "fwb pulls fwa's snapshot")
     wall = time.monotonic() - ready
     used = cpu_used(c, cpu)
     inner = c["fwb"].stats()["peers"]["fwa"]["last_resync_seconds"]
@@ -267,7 +282,7 @@ def run(deltas: int, rate: int, seconds: float, resync_total: int) -> dict[str, 
                 c.create(fa, range(i, min(i + BATCH, last)))
             # fwb catches up first (its outbox overflowed: it pulls a snapshot),
             # so the restart below measures a resync from a settled peer.
-            wait_for(lambda: c["fwb"].stats()["store"]["live"] >= resync_total, 900, "top up")
+            poll(lambda: c["fwb"].stats()["store"]["live"] >= resync_total, 900, "top up")
             results["top_up_seconds"] = round(time.monotonic() - start, 1)
         results["resync"] = resync(c, max(resync_total, held))
         return results
