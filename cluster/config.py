@@ -17,7 +17,7 @@ Example::
       require_filter: true       # stay syncing until the filter reports synced
       join_grace: 6.0            # a new member is not suspected before it was heard or this passed
       drain_timeout: 10.0
-      takeover_guard: 0.01
+      takeover_guard: 0.02
       holders_interval: 0.25
 """
 
@@ -82,10 +82,12 @@ class AgentConfig:
     drain_timeout: float = 10.0
     # After a peer's record vanished, wait this long before claiming the VIPs
     # it held.  A revoked node that is alive stops answering ARP for them
-    # when the revoker's notice reaches its beacon thread (sent at once, a
-    # millisecond or two on a LAN; syncd.beacon_io), then takes its addresses
-    # off when its watch tells it; a dead one says nothing either way.
-    takeover_guard: float = 0.01
+    # when the revoker's notice reaches its beacon thread (sent at once;
+    # syncd.beacon_io), but a node cut off from its peers only (etcd still
+    # reachable) never gets the notice: it learns from its own watch and
+    # takes its addresses off from its event loop.  10 ms was too short for
+    # that (chaos sync-partition: two holders for 10 ms); 20 ms is not.
+    takeover_guard: float = 0.02
     # Seconds between VIP holder listings when nothing else prompts one.
     holders_interval: float = 0.25
     # Agent loop period; a loop late by more than stall_after is a stall.
