@@ -681,8 +681,7 @@ class Agent:
         """
         if self.state not in (NodeState.SYNCING, NodeState.UP, NodeState.DRAINING):
             return []
-        peers = set(self.membership.members()) - {self.node_id}
-        silent = bool(peers) and peers <= self.suspects(now)
+        silent = self._all_peers_silent(now)
         if self._shut_isolated and not silent and not self._probing:
             return self._reopen_isolated()  # a peer spoke: we are not the cut-off side
         if self.health.degraded(now):
@@ -717,8 +716,7 @@ class Agent:
             return self._reopen_isolated()
         self.health.failed(now, error or "etcd probe timed out")
         live = self.state in (NodeState.SYNCING, NodeState.UP, NodeState.DRAINING)
-        peers = set(self.membership.members()) - {self.node_id}
-        if not live or not peers or not peers <= self.suspects(now):
+        if not live or not self._all_peers_silent(now):
             return self._reopen_isolated()  # someone spoke meanwhile: the tick decides as usual
         first = self._probe_wait == self.config.isolation_probe
         self._probe_wait = min(self._probe_wait * 2, self.config.etcd.lease_ttl / 2)
@@ -726,6 +724,11 @@ class Agent:
             return []
         why = f"every peer silent and etcd did not answer within {self.config.isolation_probe} s"
         return [Log("warning", f"{why}: ARP for our VIPs off while we keep asking")]
+
+    def _all_peers_silent(self, now: float) -> bool:
+        """We have peers and every one of them is a suspect: we may be the cut-off side."""
+        peers = set(self.membership.members()) - {self.node_id}
+        return bool(peers) and peers <= self.suspects(now)
 
     def _reopen_isolated(self) -> list[Action]:
         self._probe_wait = self.config.isolation_probe

@@ -38,21 +38,19 @@ def wait_for(what: str, condition: Callable[[], bool], timeout: float = SOON) ->
         time.sleep(0.01)
 
 
+def loopback_service(
+    node: str, interval: float = 0.01, alive_within: float = ALIVE_WITHIN
+) -> BeaconService:
+    """A keyed service of cluster "prod" on 127.0.0.1, port chosen by the kernel."""
+    return BeaconService(cluster_id="prod", node_id=node, epoch=1, bind=("127.0.0.1", 0),
+                         key=KEY, interval=interval, alive_within=alive_within)  # fmt: skip
+
+
 class Trio:
     """Three started services, each peering with the other two, and their owners' loops."""
 
     def __init__(self) -> None:
-        self.services = {
-            n: BeaconService(
-                cluster_id="prod",
-                node_id=n,
-                epoch=1,
-                bind=("127.0.0.1", 0),
-                key=KEY,
-                alive_within=ALIVE_WITHIN,
-            )
-            for n in NODES
-        }
+        self.services = {n: loopback_service(n) for n in NODES}
         self.alive = set(NODES)  # whose owner loop is running
         self._stop = threading.Event()
         self._owners = threading.Thread(target=self._owner_loops, daemon=True)
@@ -325,18 +323,7 @@ def test_the_thread_survives_unexpected_errors(caplog: pytest.LogCaptureFixture)
 
 def test_a_fresh_notice_goes_at_once_not_at_the_next_round() -> None:
     """Rounds every 2 s here: a new revocation must still arrive within ms."""
-    pair = {
-        n: BeaconService(
-            cluster_id="prod",
-            node_id=n,
-            epoch=1,
-            bind=("127.0.0.1", 0),
-            key=KEY,
-            interval=2.0,
-            alive_within=60.0,
-        )
-        for n in ("fw1", "fw2")
-    }
+    pair = {n: loopback_service(n, interval=2.0, alive_within=60.0) for n in ("fw1", "fw2")}
     fired = threading.Event()
     try:
         for s in pair.values():
