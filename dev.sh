@@ -40,14 +40,16 @@ setup_apt() {
 
 setup_venv() {
     local stamp="$VENV/.stockade-installed" want
-    want="$(sha256sum pyproject.toml | cut -c1-16)"
+    want="$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)"
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
         return
     fi
     log "creating Python environment in $VENV"
     [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
     "$VENV/bin/pip" install -q --upgrade pip
-    "$VENV/bin/pip" install -q -e ".[test]"
+    # Exact versions from constraints.txt: a new release on PyPI must not change
+    # what the tests run against (the generated gRPC code names its generator).
+    "$VENV/bin/pip" install -q -c constraints.txt -e ".[test]"
     echo "$want" > "$stamp"
 }
 

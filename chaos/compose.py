@@ -72,7 +72,16 @@ VIP_HOMES = {
 }
 # Sources that go into the image; everything else (.venv, .git, caches)
 # stays out of the build context.
-CONTEXT_ITEMS = ("pyproject.toml", "README.md", "node", "syncd", "cluster", "chaos", "docker")
+CONTEXT_ITEMS = (
+    "pyproject.toml",
+    "constraints.txt",
+    "README.md",
+    "node",
+    "syncd",
+    "cluster",
+    "chaos",
+    "docker",
+)
 _SKIP_NAMES = {"__pycache__", "wheels"}
 _PROJECT_LABEL = "com.docker.compose.project"
 _SERVICE_LABEL = "com.docker.compose.service"
@@ -216,17 +225,24 @@ def wheelhouse_requirements(repo: Path) -> list[str]:
 
 
 def build_wheelhouse(repo: Path, python: str, timeout: float = 900) -> Path:
-    """Wheels of the dependencies, built on the host; cached per pyproject.toml.
+    """Wheels of the dependencies, built on the host; cached per pyproject.toml
+    and constraints.txt (the exact versions the project is tested with).
 
     Kept under ``build/`` (ignored by git) so the next image build finds the
     very same files and Docker's layer cache keeps the dependency layer.
     """
-    key = hashlib.sha256((repo / "pyproject.toml").read_bytes()).hexdigest()[:12]
+    pins = repo / "constraints.txt"
+    digest = hashlib.sha256((repo / "pyproject.toml").read_bytes())
+    if pins.exists():
+        digest.update(pins.read_bytes())
+    key = digest.hexdigest()[:12]
     wheels = repo / "build" / f"docker-wheels-{key}"
     if (wheels / ".complete").exists():
         return wheels
     shutil.rmtree(wheels, ignore_errors=True)
     argv = [python, "-m", "pip", "wheel", "-q", "--wheel-dir", str(wheels)]
+    if pins.exists():
+        argv += ["-c", str(pins)]
     _run([*argv, *wheelhouse_requirements(repo)], timeout=timeout)
     (wheels / ".complete").touch()
     return wheels
