@@ -33,8 +33,9 @@ import grpc
 from syncd._pb.stockade.sync.v1 import sync_pb2 as pb
 from syncd._pb.stockade.sync.v1 import sync_pb2_grpc as rpc
 from syncd.errors import BadMessage, Misuse
+from syncd.keyindex import MAX_CURSOR_LEN, ORDER_BUCKET, ORDERS, check_order
 from syncd.peers import Clock, EndReason, PeerLink
-from syncd.records import MAX_KEY_LEN, FlowRecord, records_from_pb
+from syncd.records import FlowRecord, records_from_pb
 from syncd.service import BULK_PAGE
 from syncd.session import MAX_PAGE_RECORDS
 from syncd.tls import TlsMaterial, channel_credentials, channel_options
@@ -199,15 +200,21 @@ async def pull_origin(
     """Every record of ``origin`` that ``peer`` holds, via ``Snapshot`` pages."""
     stub = rpc.StateSyncStub(channel)  # type: ignore[no-untyped-call]
     cursor = b""
+    order = ORDER_BUCKET  # an older peer answers in ORDER_KEY: kept for the pull
     count = 0
     error = "timed out"
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(timeout):
             while True:  # each pass resumes from the last page received
-                request = pb.SnapshotRequest(origin=origin, cursor=cursor, max_records=page)
+                request = pb.SnapshotRequest(
+                    origin=origin, cursor=cursor, max_records=page, order=order
+                )
                 try:
                     async for chunk in stub.Snapshot(request):
+                        if cursor and chunk.order != order:
+                            raise BadMessage("bad-snapshot-page", "page order changed mid-pull")
                         records = page_records(chunk, origin, cursor)
+                        order = chunk.order
                         on_records(records)
                         count += len(records)
                         if chunk.last:
@@ -242,17 +249,16 @@ def _not_member_yet(error: grpc.aio.AioRpcError) -> bool:
 
 def page_records(chunk: pb.SnapshotChunk, origin: str, cursor: bytes) -> list[FlowRecord]:
     """Validate one bulk snapshot page; :class:`BadMessage` and nothing applied if bad."""
-    if len(chunk.records) > MAX_PAGE_RECORDS or len(chunk.next_cursor) > MAX_KEY_LEN:
+    if len(chunk.records) > MAX_PAGE_RECORDS or len(chunk.next_cursor) > MAX_CURSOR_LEN:
         raise BadMessage("bad-snapshot-page", "too many records or cursor too long")
+    if chunk.order not in ORDERS:
+        raise BadMessage("bad-snapshot-page", f"order {chunk.order}")
     chunk.DiscardUnknownFields()  # records keep their encoding (FlowRecord.wire)
     records = records_from_pb(chunk.records)
-    previous = cursor
     for record in records:
         if record.origin != origin:
             raise BadMessage("bad-snapshot-page", f"record of {record.origin!r}, asked {origin}")
-        if record.key <= previous:
-            raise BadMessage("bad-snapshot-page", "keys not increasing after the cursor")
-        previous = record.key
+    previous = check_order([r.key for r in records], cursor, chunk.order)
     if not chunk.last and (chunk.next_cursor < previous or chunk.next_cursor <= cursor):
         raise BadMessage("bad-snapshot-page", "next_cursor does not advance")
     return records

@@ -57,12 +57,13 @@ from syncd.config import (
     split_address,
 )
 from syncd.errors import ConfigError, SyncError
+from syncd.keyindex import ORDER_KEY
 from syncd.local import LocalDeltas, LocalServer
 from syncd.peers import LocalOrigin, PeerLink, tune_gc
-from syncd.records import FlowRecord, record_to_pb
+from syncd.records import FlowRecord
 from syncd.replica import Change, ReplicaStore
 from syncd.service import StateSyncService, dials, make_server
-from syncd.session import State
+from syncd.session import State, records_field
 from syncd.tls import TlsMaterial, load_material, server_credentials, server_options
 
 if TYPE_CHECKING:
@@ -317,8 +318,10 @@ class SyncNode:
     def accepting(self) -> bool:
         return not self._recovering
 
-    def snapshot_chunk(self, origin: str, cursor: bytes, limit: int) -> pb.SnapshotChunk:
-        page = self.store.snapshot_page(origin, cursor, limit)
+    def snapshot_chunk(
+        self, origin: str, cursor: bytes, limit: int, order: int = ORDER_KEY
+    ) -> pb.SnapshotChunk:
+        page = self.store.snapshot_page(origin, cursor, limit, order)
         if origin == self.config.node_id:
             epoch, base = self.origin.epoch, self.origin.last_seq
         elif origin in self.links:
@@ -326,11 +329,12 @@ class SyncNode:
             epoch, base = inbox.epoch, inbox.applied
         else:
             epoch = base = 0
-        return pb.SnapshotChunk(
+        chunk = pb.SnapshotChunk(
             origin=origin, epoch=epoch, base_seq=base, cursor=cursor,
-            records=[record_to_pb(r) for r in page.records], next_cursor=page.next_cursor,
-            last=page.last,
+            next_cursor=page.next_cursor, last=page.last, order=order,
         )  # fmt: skip
+        chunk.MergeFromString(records_field(page.records))  # the records' cached wire forms
+        return chunk
 
     async def _expire_loop(self) -> None:
         while True:

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from syncd.errors import ConfigError, Misuse
+from syncd.keyindex import ORDER_BUCKET, ORDER_KEY, ORDERS, KeyIndex
 from syncd.records import FlowRecord, Op
 
 __all__ = [
@@ -114,8 +115,8 @@ class Replica:
 
 @dataclass(frozen=True, slots=True)
 class Page:
-    records: tuple[FlowRecord, ...]  # in increasing key order, all keys > the cursor
-    next_cursor: bytes  # last key examined: pass it to get the next page
+    records: tuple[FlowRecord, ...]  # in the order asked (syncd.keyindex), all after the cursor
+    next_cursor: bytes  # position of the last key examined: pass it to get the next page
     last: bool  # no keys after this page
 
 
@@ -149,7 +150,8 @@ class ReplicaStore:
     def __init__(self, config: ReplicaConfig | None = None) -> None:
         self._config = config or ReplicaConfig()
         self._live: dict[bytes, Replica] = {}
-        self._by_origin: dict[str, set[bytes]] = {}
+        # Each origin's keys, in buckets that serve snapshot pages (keyindex).
+        self._by_origin: dict[str, KeyIndex] = {}
         self._tombstones: dict[bytes, _Tombstone] = {}
         # Tombstones in creation order: the TTL is constant, so this is also
         # expiry order.  Entries whose tombstone was replaced are skipped.
@@ -157,14 +159,9 @@ class ReplicaStore:
         self._left: dict[str, float] = {}  # origin -> when it left the membership
         self._orphan_heap: list[tuple[float, bytes]] = []  # (expiry, key), checked lazily
         self._sweeps: dict[str, set[bytes]] = {}  # origin -> keys confirmed since begin
-        self._page_keys: dict[str, list[bytes]] = {}  # origin -> sorted keys for paging
-        # Sorted key index per origin, kept between snapshots: the keys sorted
-        # at the last snapshot start (some since removed) and the keys added
-        # to the origin after it.  A new snapshot merges the two (linear:
-        # two sorted runs) instead of sorting every key again (0.73 s for 1M
-        # keys, the event loop stalled meanwhile).
-        self._sorted: dict[str, list[bytes]] = {}
-        self._added: dict[str, list[bytes]] = {}
+        # ORDER_KEY snapshots (older peers): origin -> every key, sorted at
+        # the snapshot's start.
+        self._page_keys: dict[str, list[bytes]] = {}
         self._counts = dict.fromkeys(
             ("applied", "duplicates", "stale", "blocked", "overflow", "tombstone_overflow",
              "expired_tombstones", "expired_orphans", "swept", "repair_removed"),
@@ -232,11 +229,10 @@ class ReplicaStore:
         append = changes.append
         new, upsert = _new, self._upsert
         # Per origin, looked up again whenever it changes or the slow path
-        # ran (it may drop an origin's key set or its sorted index).
+        # ran (it may drop an origin's key index).
         origin: str | None = None
         sweep: set[bytes] | None = None
-        keys: set[bytes] | None = None
-        added: list[bytes] | None = None
+        keys: KeyIndex | None = None
         orphaned = False
         fresh = 0
         for record in records:
@@ -245,7 +241,6 @@ class ReplicaStore:
                 origin = record.origin
                 sweep = sweeps.get(origin)
                 keys = self._by_origin.get(origin)
-                added = self._added.get(origin)
                 orphaned = origin in self._left
             if sweep is not None:
                 sweep.add(key)
@@ -255,7 +250,6 @@ class ReplicaStore:
                 and key not in live
                 and key not in tombstones
                 and len(live) < capacity
-                and (added is None or len(added) < 2 * len(keys) + 1024)
             ):
                 # The common case of a snapshot page, inline: a new key (so
                 # also new to its origin's set) and nothing to compare with.
@@ -265,8 +259,6 @@ class ReplicaStore:
                 _REP_DEADLINE(replica, now + record.timeout)
                 live[key] = replica
                 keys.add(key)
-                if added is not None:
-                    added.append(key)
                 change = new(Change)
                 _CH_KIND(change, ChangeKind.UPSERT)
                 _CH_RECORD(change, record)
@@ -359,14 +351,8 @@ class ReplicaStore:
         self._live[key] = replica
         keys = self._by_origin.get(origin)
         if keys is None:
-            keys = self._by_origin[origin] = set()
-        held = len(keys)
+            keys = self._by_origin[origin] = KeyIndex()
         keys.add(key)
-        if len(keys) != held and origin in self._added:
-            added = self._added[origin]
-            added.append(key)
-            if len(added) > 2 * held + 1024:  # churn without snapshots: stop tracking
-                del self._added[origin], self._sorted[origin]
         if self._left and origin in self._left:
             self._push_orphan(key)
 
@@ -480,19 +466,30 @@ class ReplicaStore:
     def cancel_sweep(self, origin: str) -> None:
         self._sweeps.pop(origin, None)
 
-    def snapshot_page(self, origin: str, after: bytes, limit: int) -> Page:
-        """Up to ``limit`` of ``origin``'s records with keys above ``after``, in key order.
+    def snapshot_page(self, origin: str, after: bytes, limit: int, order: int = ORDER_KEY) -> Page:
+        """Up to ``limit`` of ``origin``'s records positioned after ``after``, in ``order``.
 
-        ``after=b""`` starts a new snapshot (the sorted key list is rebuilt).
-        Every key live from the start of a snapshot to the end is returned
-        exactly once; keys created or deleted meanwhile may or may not be, so
-        a snapshot is paired with the deltas numbered after its start.
+        Every key live from the start of a snapshot (``after=b""``) to the end
+        is returned exactly once; keys created or deleted meanwhile may or
+        may not be, so a snapshot is paired with the deltas numbered after
+        its start.  ``ORDER_BUCKET`` reads the live key index: a page costs a
+        page's worth of work.  ``ORDER_KEY`` (older peers) sorts every key of
+        the origin at the start of each snapshot.
         """
         if limit < 1:
             raise Misuse(f"page limit must be >= 1, not {limit}")
+        if order not in ORDERS:
+            raise Misuse(f"unknown snapshot order {order}")
+        if order == ORDER_BUCKET:
+            held = self._by_origin.get(origin)
+            if held is None:
+                return Page((), after, True)
+            found, next_cursor, last = held.page(after, limit)
+            live = self._live
+            return Page(tuple([live[k].record for k in found]), next_cursor, last)
         keys = self._page_keys.get(origin)
         if after == b"" or keys is None:
-            keys = self._page_keys[origin] = self._sorted_keys(origin)
+            keys = self._page_keys[origin] = sorted(self._by_origin.get(origin, ()))
         start = index = bisect.bisect_right(keys, after)
         out: list[FlowRecord] = []
         while index < len(keys) and len(out) < limit:
@@ -504,21 +501,6 @@ class ReplicaStore:
         if last:
             del self._page_keys[origin]  # free it; a later page request rebuilds it
         return Page(tuple(out), keys[index - 1] if index > start else after, last)
-
-    def _sorted_keys(self, origin: str) -> list[bytes]:
-        """``origin``'s keys in order, from the index (see __init__); a new list."""
-        held = self._by_origin.get(origin, set())
-        base, added = self._sorted.get(origin), self._added.get(origin)
-        if base is None or added is None:
-            keys = sorted(held)
-        else:
-            fresh = set(added)
-            keys = [k for k in base if k in held and k not in fresh]
-            keys += sorted(fresh & held)
-            keys.sort()  # two sorted runs: timsort merges them in linear time
-        self._sorted[origin] = keys
-        self._added[origin] = []
-        return keys
 
     def digest(self, bucket_count: int, origin: str | None = None) -> tuple[int, ...]:
         """Per-bucket 64-bit hashes of the live records (of one origin if given).

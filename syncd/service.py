@@ -39,8 +39,9 @@ from syncd._pb.stockade.sync.v1 import sync_pb2 as pb
 from syncd._pb.stockade.sync.v1 import sync_pb2_grpc as rpc
 from syncd.aerun import AntiEntropy
 from syncd.errors import BadMessage
+from syncd.keyindex import MAX_CURSOR_LEN, ORDERS
 from syncd.peers import EndReason, PeerLink
-from syncd.records import MAX_KEY_LEN, check_node_id
+from syncd.records import check_node_id
 from syncd.session import MAX_PAGE_RECORDS
 from syncd.tls import PeerIdentity, identity_from_auth_context
 
@@ -103,8 +104,8 @@ class ServiceStats:
     snapshot_pages: int
 
 
-# (origin, cursor, limit) -> one page, built by the node from its store.
-ChunkSource = Callable[[str, bytes, int], pb.SnapshotChunk]
+# (origin, cursor, limit, order) -> one page, built by the node from its store.
+ChunkSource = Callable[[str, bytes, int, int], pb.SnapshotChunk]
 
 
 class StateSyncService(rpc.StateSyncServicer):
@@ -180,18 +181,19 @@ class StateSyncService(rpc.StateSyncServicer):
         await self._authenticate(context)
         if (
             not check_node_id(request.origin)
-            or len(request.cursor) > MAX_KEY_LEN
+            or len(request.cursor) > MAX_CURSOR_LEN
             or request.max_records > MAX_PAGE_RECORDS
+            or request.order not in ORDERS
         ):
             await self._refuse(
                 context, "bad-snapshot-request", grpc.StatusCode.INVALID_ARGUMENT,
-                f"origin must be a node id, cursor <= {MAX_KEY_LEN} bytes, "
-                f"max_records <= {MAX_PAGE_RECORDS}",
+                f"origin must be a node id, cursor <= {MAX_CURSOR_LEN} bytes, "
+                f"max_records <= {MAX_PAGE_RECORDS}, order 0 or 1",
             )  # fmt: skip
         cursor = bytes(request.cursor)
         limit = request.max_records or BULK_PAGE
         while True:
-            chunk = self._chunk(request.origin, cursor, limit)
+            chunk = self._chunk(request.origin, cursor, limit, request.order)
             chunk.request_id = request.request_id
             await context.write(chunk)
             self._pages += 1

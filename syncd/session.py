@@ -82,8 +82,8 @@ from typing import ClassVar, Final
 
 from syncd._pb.stockade.sync.v1 import sync_pb2 as pb
 from syncd.errors import BadMessage, ConfigError, Misuse, PeerError
+from syncd.keyindex import MAX_CURSOR_LEN, ORDER_BUCKET, ORDERS, check_order
 from syncd.records import (
-    MAX_KEY_LEN,
     MAX_U63,
     Delta,
     FlowRecord,
@@ -389,6 +389,9 @@ class Inbox:
         self.applied = 0
         self.pulling = False
         self.cursor = b""  # page to ask for next; b"" = (re)start the snapshot
+        # Page order of the pull (syncd.keyindex): asked for ORDER_BUCKET, set
+        # by the first page (an older peer answers in ORDER_KEY).
+        self.order = ORDER_BUCKET
         self.base: int | None = None  # first page's base_seq (None: not received yet)
         self.required = 0  # the snapshot's base must reach this seq
         self.request_id = 0  # id of the latest request
@@ -415,6 +418,7 @@ class Inbox:
         self.required = max(self.required, required) if self.pulling else required
         self.pulling = True
         self.cursor = b""
+        self.order = ORDER_BUCKET
         self.base = None
         self.attempt_from = self.request_id + 1
 
@@ -890,15 +894,19 @@ class PeerSession:
         req = msg.snapshot_request
         if req.origin != self.local:
             raise PeerError("wrong-origin", f"snapshot of {req.origin!r} asked of {self.local}")
-        if len(req.cursor) > MAX_KEY_LEN or req.max_records > MAX_PAGE_RECORDS:
-            raise BadMessage("bad-snapshot-request", "cursor or page size out of range")
+        if (
+            len(req.cursor) > MAX_CURSOR_LEN
+            or req.max_records > MAX_PAGE_RECORDS
+            or req.order not in ORDERS
+        ):
+            raise BadMessage("bad-snapshot-request", "cursor, page size or order out of range")
         if sum(1 for e in self._control if e.HasField("snapshot_chunk")) >= (
             self.config.max_pending_pages
         ):
             self._counts["pages_refused"] += 1
             return
         page = self._store.snapshot_page(
-            self.local, bytes(req.cursor), req.max_records or self.config.snapshot_page
+            self.local, bytes(req.cursor), req.max_records or self.config.snapshot_page, req.order
         )
         chunk = pb.SnapshotChunk(
             origin=self.local,
@@ -908,6 +916,7 @@ class PeerSession:
             cursor=req.cursor,
             next_cursor=page.next_cursor,
             last=page.last,
+            order=req.order,
         )
         chunk.MergeFromString(records_field(page.records))
         self._counts["pages_served"] += 1
@@ -925,6 +934,9 @@ class PeerSession:
         ):
             self._counts["stale_dropped"] += 1
             return
+        if inbox.cursor and chunk.order != inbox.order:
+            raise BadMessage("bad-snapshot-page", f"order {chunk.order} in a pull of {inbox.order}")
+        inbox.order = chunk.order
         self._page_rtt_sample(now)
         self._request_at = None
         if not inbox.cursor:
@@ -948,19 +960,19 @@ class PeerSession:
             self._pending = records
 
     def _check_page(self, chunk: pb.SnapshotChunk) -> list[FlowRecord]:
-        if len(chunk.records) > MAX_PAGE_RECORDS or len(chunk.next_cursor) > MAX_KEY_LEN:
+        if len(chunk.records) > MAX_PAGE_RECORDS or len(chunk.next_cursor) > MAX_CURSOR_LEN:
             raise BadMessage("bad-snapshot-page", "too many records or cursor too long")
         if not 0 <= chunk.base_seq <= MAX_U63:
             raise BadMessage("bad-snapshot-page", f"base_seq {chunk.base_seq}")
+        if chunk.order not in ORDERS:
+            raise BadMessage("bad-snapshot-page", f"order {chunk.order}")
         chunk.DiscardUnknownFields()  # as in _on_batch
         records = records_from_pb(chunk.records)
-        previous = bytes(chunk.cursor)
+        peer = self.peer
         for record in records:
-            if record.origin != self.peer:
+            if record.origin != peer:
                 raise PeerError("wrong-origin", f"snapshot record of {record.origin!r}")
-            if record.key <= previous:
-                raise BadMessage("bad-snapshot-page", "keys not increasing after the cursor")
-            previous = record.key
+        previous = check_order([r.key for r in records], chunk.cursor, chunk.order)
         if not chunk.last and (chunk.next_cursor < previous or chunk.next_cursor <= chunk.cursor):
             raise BadMessage("bad-snapshot-page", "next_cursor does not advance")
         return records
@@ -1017,6 +1029,7 @@ class PeerSession:
             cursor=inbox.cursor,
             request_id=inbox.next_request_id(),
             max_records=self.config.snapshot_page,
+            order=inbox.order,
         )
         self._control.append(pb.Envelope(snapshot_request=request))
         self._request_at = now

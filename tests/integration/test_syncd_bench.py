@@ -26,7 +26,9 @@ import argparse
 import json
 import multiprocessing
 import os
+import signal
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -234,11 +236,12 @@ def latency_run(nodes: int, rate: int, seconds: float, per_frame: int = 1) -> di
         c.close()
 
 
-def resync(c: Cluster, total: int) -> dict[str, float]:
+def resync(c: Cluster, total: int, spy: str = "") -> dict[str, float]:
     c["fwb"].kill()
     c["fwb"].start()
     ready = time.monotonic()
     cpu = {"fwa": cpu_seconds(c["fwa"]), "fwb": cpu_seconds(c["fwb"])}
+    spies = [_spy(c[n], f"{spy}-{n}.txt") for n in ("fwa", "fwb")] if spy else []
 
     def done() -> bool:
         stats = c["fwb"].stats()
@@ -248,13 +251,26 @@ def resync(c: Cluster, total: int) -> dict[str, float]:
     poll(done, 600, "fwb pulls fwa's snapshot")
     wall = time.monotonic() - ready
     used = cpu_used(c, cpu)
+    for proc in spies:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
     inner = c["fwb"].stats()["peers"]["fwa"]["last_resync_seconds"]
     print(f"resync of {total} flows: {wall:.2f} s after ready ({inner:.2f} s in the session;"
           f" syncd CPU s from ready: {used})")  # fmt: skip
     return {"flows": total, "wall_seconds": wall, "session_seconds": inner, "cpu_seconds": used}
 
 
-def run(deltas: int, rate: int, seconds: float, resync_total: int) -> dict[str, Any]:
+def _spy(d: Daemon, path: str) -> subprocess.Popen[bytes]:
+    """py-spy (if installed in the venv) sampling a syncd until SIGINT: a profile."""
+    assert d.proc is not None
+    exe = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    argv = [exe, "record", "-p", str(d.proc.pid), "-f", "raw", "-o", path, "-r", "200"]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def run(
+    deltas: int, rate: int, seconds: float, resync_total: int, repeat: int = 1, spy: str = ""
+) -> dict[str, Any]:
     capacity = max(262144, 2 * resync_total)
     c = Cluster(["fwa", "fwb"], {"store": {"capacity": capacity}, "local_queue": 1 << 20})
     try:
@@ -284,7 +300,12 @@ def run(deltas: int, rate: int, seconds: float, resync_total: int) -> dict[str, 
             # so the restart below measures a resync from a settled peer.
             poll(lambda: c["fwb"].stats()["store"]["live"] >= resync_total, 900, "top up")
             results["top_up_seconds"] = round(time.monotonic() - start, 1)
-        results["resync"] = resync(c, max(resync_total, held))
+        results["resync"] = [
+            resync(c, max(resync_total, held), f"{spy}{n}" if spy else "") for n in range(repeat)
+        ]
+        walls = [r["wall_seconds"] for r in results["resync"]]
+        print(f"resync wall seconds: {[round(w, 2) for w in walls]},"
+              f" median {statistics.median(walls):.2f}")  # fmt: skip
         return results
     except BaseException:
         print(c.logs())
@@ -297,7 +318,7 @@ def test_small_bench_completes() -> None:
     results = run(deltas=20_000, rate=500, seconds=1.0, resync_total=50_000)
     assert results["latency_samples"] == 500
     assert results["deltas_per_second"] > 0 and results["latency_p99_ms"] > 0
-    assert results["resync"]["flows"] == 50_000
+    assert [r["flows"] for r in results["resync"]] == [50_000]
 
 
 def main() -> None:
@@ -306,6 +327,10 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--resync", type=int, default=1_000_000)
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="restart fwb and time its resync this many times")  # fmt: skip
+    parser.add_argument("--spy", default="",
+                        help="py-spy profiles of each resync: PREFIX<n>-<node>.txt")  # fmt: skip
     parser.add_argument("--nodes", type=int, default=0, choices=range(2, 6),
                         help="latency only, with this many nodes (fwa sends)")  # fmt: skip
     parser.add_argument("--per-frame", type=int, default=1,
@@ -328,7 +353,7 @@ def main() -> None:
         results["deltas_per_frame"] = args.per_frame
         results["rate"] = args.rate
     else:
-        results = run(args.deltas, args.rate, args.seconds, args.resync)
+        results = run(args.deltas, args.rate, args.seconds, args.resync, args.repeat, args.spy)
     print(json.dumps(results, indent=2))
 
 

@@ -17,6 +17,7 @@ import pytest
 from syncd._pb.stockade.sync.v1 import sync_pb2 as pb
 from syncd.client import Backoff, page_records
 from syncd.errors import BadMessage, Misuse
+from syncd.keyindex import ORDER_BUCKET, position
 from syncd.peers import EndReason, LocalOrigin, PeerLink, StreamEnd
 from syncd.records import Op, record_to_pb
 from syncd.replica import Change, ChangeKind, ReplicaConfig, ReplicaStore
@@ -322,6 +323,23 @@ def test_bulk_page_validation() -> None:
     for chunk, cursor in bad_pages:
         with pytest.raises(BadMessage):
             page_records(chunk, "a", cursor)
+
+
+def test_bulk_page_validation_in_bucket_order() -> None:
+    keys = sorted([b"a", b"b", b"c"], key=lambda k: position(k, ORDER_BUCKET))
+    last = position(keys[-1], ORDER_BUCKET)
+    ok = page_records(_chunk(keys, next_cursor=last, order=ORDER_BUCKET), "a", b"")
+    assert [r.key for r in ok] == keys
+    bad_pages = [
+        _chunk(keys[::-1], next_cursor=last, order=ORDER_BUCKET),  # not in bucket order
+        _chunk(keys, next_cursor=position(keys[0], ORDER_BUCKET), order=ORDER_BUCKET),  # behind
+        _chunk(keys, next_cursor=last, order=5),  # unknown order
+    ]
+    if keys != sorted(keys):
+        bad_pages.append(_chunk(sorted(keys), next_cursor=last, order=ORDER_BUCKET))
+    for chunk in bad_pages:
+        with pytest.raises(BadMessage):
+            page_records(chunk, "a", b"")
 
 
 # --- the session's send window (syncd/session.py, max_in_flight) --------------------

@@ -7,8 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from syncd.errors import ConfigError, Misuse
+from syncd.keyindex import ORDER_BUCKET, position
 from syncd.records import FlowRecord, Op
-from syncd.replica import ChangeKind, Outcome, ReplicaConfig, ReplicaStore
+from syncd.replica import ChangeKind, Outcome, Page, ReplicaConfig, ReplicaStore
 from tests.syncd_link import make_record
 
 
@@ -212,6 +213,29 @@ def test_snapshot_page_resumes_after_its_key_list_was_dropped() -> None:
     assert [r.key for r in first.records + rest.records] == [bytes([k]) for k in range(6)]
     with pytest.raises(Misuse):
         s.snapshot_page("a", b"", 0)
+
+
+def test_bucket_order_pages_read_the_live_index() -> None:
+    s = store()
+    for key in range(40):
+        s.apply(Op.CREATE, rec(key, 1), 0.0)
+    s.apply(Op.CREATE, rec(99, 1, origin="b"), 0.0)
+    page = s.snapshot_page("a", b"", 15, ORDER_BUCKET)
+    assert len(page.records) == 15 and not page.last
+    keys = [r.key for r in page.records]
+    assert keys == sorted(keys, key=lambda k: position(k, ORDER_BUCKET))
+    assert page.next_cursor == position(keys[-1], ORDER_BUCKET)
+    gone = next(k for k in range(40) if bytes([k]) not in keys)
+    s.apply(Op.DELETE, rec(gone, 2), 0.0)  # deleted meanwhile: never sent
+    seen = list(keys)
+    while not page.last:
+        page = s.snapshot_page("a", page.next_cursor, 15, ORDER_BUCKET)
+        seen += [r.key for r in page.records]
+    assert sorted(seen) == sorted(bytes([k]) for k in range(40) if k != gone)
+    assert all(r.origin == "a" for r in page.records)
+    assert s.snapshot_page("zz", b"", 10, ORDER_BUCKET) == Page((), b"", True)
+    with pytest.raises(Misuse):
+        s.snapshot_page("a", b"", 10, 7)
 
 
 def test_digest_is_order_independent_and_sensitive() -> None:

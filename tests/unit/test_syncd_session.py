@@ -10,6 +10,7 @@ import pytest
 from syncd import session as session_module
 from syncd._pb.stockade.sync.v1 import sync_pb2 as pb
 from syncd.errors import BadMessage, ConfigError, Misuse, PeerError
+from syncd.keyindex import ORDER_BUCKET, ORDER_KEY, position
 from syncd.records import Delta, Op, record_to_pb
 from syncd.replica import ReplicaConfig, ReplicaStore
 from syncd.session import (
@@ -534,6 +535,58 @@ def test_a_reply_from_before_a_pull_restarted_is_ignored() -> None:
     assert duo.nodes["b"].replicas_of("a") == duo.nodes["a"].own_flows()
 
 
+def test_a_sender_that_ignores_the_order_field_is_pulled_in_key_order() -> None:
+    """An older peer answers in ORDER_KEY (order 0): the pull keeps to it to the end."""
+    config = SessionConfig(cluster_id=CLUSTER, snapshot_page=2)
+    duo = Duo(config)
+    for k in range(7):
+        emit(duo.nodes["a"], k)
+    duo.start()
+    duo.deliver("a", duo.out("b"))
+    duo.deliver("b", duo.out("a"))  # b: SYNCING, its first request goes out
+    for _ in range(10):
+        requests = [m for m in duo.out("b") if m.HasField("snapshot_request")]
+        if not requests:
+            break
+        for m in requests:
+            m.snapshot_request.ClearField("order")  # what an older sender sees
+        duo.deliver("a", requests)
+        pages = duo.out("a")
+        assert all(m.snapshot_chunk.order == ORDER_KEY for m in pages)
+        assert any(m.HasField("snapshot_chunk") for m in pages)
+        duo.deliver("b", pages)
+        duo.b.apply_pending(duo.now)
+    duo.exchange()
+    assert duo.state("b") is State.LIVE
+    assert duo.nodes["b"].inboxes["a"].statistics().pages == 4
+    assert duo.nodes["b"].replicas_of("a") == duo.nodes["a"].own_flows()
+
+
+def test_a_page_in_another_order_than_the_pull_is_refused() -> None:
+    config = SessionConfig(cluster_id=CLUSTER, snapshot_page=2)
+    duo = Duo(config)
+    for k in range(7):
+        emit(duo.nodes["a"], k)
+    duo.start()
+    duo.deliver("a", duo.out("b"))
+    duo.deliver("b", duo.out("a"))
+    duo.deliver("a", duo.out("b"))
+    first = [m for m in duo.out("a") if m.HasField("snapshot_chunk")]
+    assert [m.snapshot_chunk.order for m in first] == [ORDER_BUCKET]
+    duo.deliver("b", first)  # bucket order; b asks for the next page after its cursor
+    request = [m for m in duo.out("b") if m.HasField("snapshot_request")]
+    assert request[0].snapshot_request.order == ORDER_BUCKET
+    duo.deliver("a", request)
+    [second] = [m for m in duo.out("a") if m.HasField("snapshot_chunk")]
+    second.snapshot_chunk.order = ORDER_KEY
+    duo.b.apply_pending(duo.now)
+    before = len(list(duo.nodes["b"].store.records("a")))
+    with pytest.raises(BadMessage) as info:
+        duo.b.receive(second, duo.now)
+    assert info.value.reason == "bad-snapshot-page"
+    assert len(list(duo.nodes["b"].store.records("a"))) == before == 2
+
+
 def test_deltas_before_the_first_page_do_not_confirm_keys() -> None:
     # The update reaches b before the snapshot's first page, the delete is
     # lost; the page (read after the delete) does not hold the key.  Had b
@@ -570,16 +623,16 @@ def test_page_overtaken_by_a_delete_cannot_resurrect_the_flow() -> None:
     duo.deliver("a", duo.out("b"))  # b's first request
     duo.deliver("b", duo.out("a"))  # page 1 (key 1); b asks for the next
     duo.deliver("a", duo.out("b"))
-    late_page = duo.out("a")  # page 2 holds key 2 ...
-    assert [r.key for m in late_page for r in m.snapshot_chunk.records] == [b"a\x02"]
-    emit(duo.nodes["a"], 2, delete=True)  # ... which is deleted right after
+    late_page = duo.out("a")  # page 2 holds the other key ...
+    [late] = [r.key for m in late_page for r in m.snapshot_chunk.records]
+    emit(duo.nodes["a"], late[1], delete=True)  # ... which is deleted right after
     duo.now += 0.01
     duo.deliver("b", duo.out("a"))  # the delete overtakes the page
     duo.deliver("b", late_page)
     assert duo.nodes["b"].store.statistics().blocked == 1
     duo.exchange()
     assert duo.nodes["b"].replicas_of("a") == duo.nodes["a"].own_flows()
-    assert b"a\x02" not in duo.nodes["b"].replicas_of("a")
+    assert late not in duo.nodes["b"].replicas_of("a")
 
 
 def test_too_many_pending_pages_are_refused() -> None:
@@ -699,6 +752,10 @@ def rec_pb(key: bytes, origin: str = "b") -> pb.FlowRecord:
     return record_to_pb(make_record(key, origin, 1))
 
 
+# Two keys in decreasing bucket order (in increasing key order).
+BUCKET_DESC = sorted([b"\x01", b"\x02"], key=lambda k: position(k, ORDER_BUCKET), reverse=True)
+assert BUCKET_DESC == [b"\x01", b"\x02"]
+
 HOSTILE: list[tuple[str, Callable[[], pb.Envelope], str]] = [
     ("empty", pb.Envelope, "empty-envelope"),
     ("batch other origin", lambda: batch_from_b(1, origin="c"), "wrong-origin"),
@@ -734,6 +791,22 @@ HOSTILE: list[tuple[str, Callable[[], pb.Envelope], str]] = [
         "bad-snapshot-page",
     ),
     ("page foreign record", lambda: chunk_from_b(records=[rec_pb(b"\x01", "c")]), "wrong-origin"),
+    (
+        "page in bucket order unordered",
+        lambda: chunk_from_b(order=ORDER_BUCKET, records=[rec_pb(k) for k in BUCKET_DESC]),
+        "bad-snapshot-page",
+    ),
+    ("page order unknown", lambda: chunk_from_b(order=2), "bad-snapshot-page"),
+    (
+        "request order unknown",
+        lambda: pb.Envelope(snapshot_request=pb.SnapshotRequest(origin="a", order=2)),
+        "bad-snapshot-request",
+    ),
+    (
+        "request cursor too long",
+        lambda: pb.Envelope(snapshot_request=pb.SnapshotRequest(origin="a", cursor=b"k" * 67)),
+        "bad-snapshot-request",
+    ),
     (
         "page cursor stuck",
         lambda: chunk_from_b(last=False, records=[rec_pb(b"\x01")], next_cursor=b""),

@@ -123,19 +123,21 @@ class ResyncRequired(_message.Message):
     def __init__(self, origin: _Optional[str] = ..., epoch: _Optional[int] = ..., lost_upto: _Optional[int] = ...) -> None: ...
 
 class SnapshotRequest(_message.Message):
-    __slots__ = ("origin", "cursor", "request_id", "max_records")
+    __slots__ = ("origin", "cursor", "request_id", "max_records", "order")
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
     CURSOR_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    ORDER_FIELD_NUMBER: _ClassVar[int]
     origin: str
     cursor: bytes
     request_id: int
     max_records: int
-    def __init__(self, origin: _Optional[str] = ..., cursor: _Optional[bytes] = ..., request_id: _Optional[int] = ..., max_records: _Optional[int] = ...) -> None: ...
+    order: int
+    def __init__(self, origin: _Optional[str] = ..., cursor: _Optional[bytes] = ..., request_id: _Optional[int] = ..., max_records: _Optional[int] = ..., order: _Optional[int] = ...) -> None: ...
 
 class SnapshotChunk(_message.Message):
-    __slots__ = ("origin", "epoch", "request_id", "base_seq", "cursor", "records", "next_cursor", "last")
+    __slots__ = ("origin", "epoch", "request_id", "base_seq", "cursor", "records", "next_cursor", "last", "order")
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +146,7 @@ class SnapshotChunk(_message.Message):
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     NEXT_CURSOR_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
+    ORDER_FIELD_NUMBER: _ClassVar[int]
     origin: str
     epoch: int
     request_id: int
@@ -152,7 +155,8 @@ class SnapshotChunk(_message.Message):
     records: _containers.RepeatedCompositeFieldContainer[FlowRecord]
     next_cursor: bytes
     last: bool
-    def __init__(self, origin: _Optional[str] = ..., epoch: _Optional[int] = ..., request_id: _Optional[int] = ..., base_seq: _Optional[int] = ..., cursor: _Optional[bytes] = ..., records: _Optional[_Iterable[_Union[FlowRecord, _Mapping]]] = ..., next_cursor: _Optional[bytes] = ..., last: _Optional[bool] = ...) -> None: ...
+    order: int
+    def __init__(self, origin: _Optional[str] = ..., epoch: _Optional[int] = ..., request_id: _Optional[int] = ..., base_seq: _Optional[int] = ..., cursor: _Optional[bytes] = ..., records: _Optional[_Iterable[_Union[FlowRecord, _Mapping]]] = ..., next_cursor: _Optional[bytes] = ..., last: _Optional[bool] = ..., order: _Optional[int] = ...) -> None: ...
 
 class DigestRequest(_message.Message):
     __slots__ = ("buckets", "origins")
