@@ -38,6 +38,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
 
+from chaos.failover_phases import Phases
+
 __all__ = [
     "FlowOutcome",
     "FlowTrace",
@@ -93,6 +95,9 @@ class TrialResult:
     # Seconds from the fault until another node held the victim's VIPs, as
     # the bench saw it (polled every ~50 ms); None: not observed.
     takeover: float | None = None
+    # What the survivors' agents reported doing, against the fault (Stockade
+    # only: chaos.failover_phases); None where the system has no such events.
+    phases: Phases | None = None
 
     def _latencies(self, kind: ProbeKind) -> list[float]:
         return [
@@ -307,6 +312,9 @@ CSV_FIELDS: Final = (
     "affected_flows",
     "lost_flows",
     "takeover_ms",
+    "suspected_ms",
+    "revoked_ms",
+    "claimed_ms",
 )
 
 
@@ -327,8 +335,15 @@ def write_csv(results: Iterable[TrialResult], path: Path) -> None:
                     r.affected,
                     r.lost,
                     _ms(r.takeover),
+                    *_phase_cells(r.phases),
                 ]
             )
+
+
+def _phase_cells(phases: Phases | None) -> list[str]:
+    if phases is None:
+        return ["", "", ""]
+    return [_ms(phases.suspected), _ms(phases.revoked), _ms(phases.claimed)]
 
 
 def report_document(
@@ -351,6 +366,7 @@ def report_document(
                 "affected_flows": r.affected,
                 "lost_flows": r.lost,
                 "takeover": r.takeover,
+                "phases": None if r.phases is None else asdict(r.phases),
                 "flows": [asdict(o) for o in r.outcomes],
             }
             for r in results

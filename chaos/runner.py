@@ -20,7 +20,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -134,7 +134,7 @@ def _converge(
         time.sleep(0.25)
 
 
-def _events(state: dict[str, Any], since_wall: float) -> list[dict[str, Any]]:
+def agent_events(state: Mapping[str, Any], since_wall: float) -> list[dict[str, Any]]:
     """The agents' events (contract C) written since the run began, oldest first."""
     prefix = f"/stockade/{state['cluster_id']}/events/".encode()
     end = prefix[:-1] + bytes([prefix[-1] + 1])
@@ -261,7 +261,7 @@ def _run(
         results["steps"] = inv.Result(
             "steps", False, f"{len(failed)} step(s) failed: " + "; ".join(failed)
         )
-    events = _events(state, wall0)
+    events = agent_events(state, wall0)
     traffic.pop("churn_attempts", None)
     report = {
         "scenario": s.name,

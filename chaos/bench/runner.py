@@ -17,6 +17,7 @@ The decisions are pure functions (:func:`next_victim`, :func:`restored`,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from chaos.bench.probe_reader import BenchError, ProbeRun, Tick
 from chaos.errors import ChaosError
+from chaos.failover_phases import Phases, failover_phases
 from chaos.failover_report import GapRecord, ProbeKind, TrialResult, evaluate_gaps
 
 if TYPE_CHECKING:
@@ -290,6 +292,8 @@ def run_trials(
         kinds = dict(flows)
         probes.trial = trial
         injected = inject(lab, victim, fault)
+        # The agents stamp their events with the wall clock: the fault's wall time.
+        fault_wall = time.time() - (time.monotonic() - injected.at)
         tick, moved_at = _wait_restored(lab, victim, probe, injected.at, s)
         gaps = probe.gaps() + open_gaps(tick, kinds, injected.at)
         result = evaluate_gaps(
@@ -310,13 +314,38 @@ def run_trials(
         took = "never" if moved_at is None else f"{(moved_at - injected.at) * 1000:.0f} ms"
         recovered = recover(lab, victim, fault, wait=s.settle_timeout)
         settled_in = settle(lab, probes, s, log)
+        # Read after settling: the agents write their events asynchronously.
+        phases = trial_phases(state, spec, victim, fault_wall)
+        if phases is not None:
+            result = dataclasses.replace(result, phases=phases)
         log(
             f"{spec.label} {s.fault} trial {trial}/{s.trials}: {victim} at {injected.at:.3f}, "
             f"{result.affected} flows affected, {result.lost} lost, TCP {lat}, path {path}, "
-            f"VIPs taken over {took}; "
+            f"VIPs taken over {took}{describe_phases(phases)}; "
             f"recovered by {recovered.fault.kind}, settled in {settled_in:.1f} s"
         )
     return results
+
+
+def trial_phases(
+    state: Mapping[str, Any], spec: SystemSpec, victim: str, fault_wall: float
+) -> Phases | None:
+    """The survivors' own account of the trial (Stockade's agents write events to etcd)."""
+    from chaos.runner import agent_events
+
+    if spec.system != "stockade":
+        return None
+    return failover_phases(agent_events(state, fault_wall - 1.0), victim, fault_wall)
+
+
+def describe_phases(phases: Phases | None) -> str:
+    """`` (agents: suspected +102, revoked +121, claimed +158 ms)`` or nothing."""
+    if phases is None:
+        return ""
+    steps = [("suspected", phases.suspected), ("revoked", phases.revoked)]
+    steps.append(("claimed", phases.claimed))
+    text = ", ".join(f"{name} +{v * 1000:.0f}" for name, v in steps if v is not None)
+    return f" (agents: {text} ms)" if text else " (agents: no events)"
 
 
 @dataclass(frozen=True, slots=True)
