@@ -473,6 +473,36 @@ def test_takeover_waits_for_the_guard_after_the_holder_left() -> None:
     assert "10.9.0.2" in {a.vip for a in of(agent.tick(1.2 + guard + 0.005), ClaimVip)}
 
 
+def test_a_taker_that_did_not_revoke_claims_after_the_guard_without_a_new_listing() -> None:
+    # fw3 revoked fw2; fw1 learns it from the watch only.  fw2's claims went
+    # with its lease, so fw1 must not wait for its next periodic listing.
+    agent = up_agent("fw1", ("fw1", "fw2"))
+    agent.heard("fw2", 0.9)
+    agent.etcd_result(True, 1.0)
+    agent.holders_listed({"10.9.0.2": "fw2"}, 1.0)
+    agent.member_event(MemberDeleted("fw2", next(_rev)), 1.05)
+    guard = agent.config.takeover_guard
+    acts = agent.tick(1.05 + guard + 0.001)
+    assert "10.9.0.2" in {a.vip for a in of(acts, ClaimVip)}
+    assert of(acts, RefreshHolders)  # and a listing to confirm the view
+
+
+def test_a_listing_from_before_the_departure_does_not_bring_its_claims_back() -> None:
+    agent = up_agent("fw1", ("fw1", "fw2"))
+    agent.heard("fw2", 0.9)
+    agent.etcd_result(True, 1.0)
+    agent.holders_listed({"10.9.0.2": "fw2"}, 1.0)
+    agent.member_event(MemberDeleted("fw2", next(_rev)), 1.05)
+    agent.holders_listed({"10.9.0.2": "fw2"}, 1.06)  # it left before the revocation
+    guard = agent.config.takeover_guard
+    assert "10.9.0.2" in {a.vip for a in of(agent.tick(1.05 + guard + 0.001), ClaimVip)}
+    agent.vip_result("10.9.0.2", True, False, 1.09)  # lost the race: fw2 is back
+    agent.member_event(put("fw2", epoch=2), 1.1)  # with a new lease and claims
+    agent.heard("fw2", 1.1)
+    agent.holders_listed({"10.9.0.2": "fw2"}, 1.11)
+    assert "10.9.0.2" not in {a.vip for a in of(agent.tick(1.2), ClaimVip)}
+
+
 def test_a_holder_cut_off_from_etcd_but_heard_keeps_its_vip() -> None:
     agent = up_agent("fw1", ("fw1", "fw2"))
     agent.heard("fw2", 1.0)
