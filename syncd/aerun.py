@@ -131,6 +131,10 @@ def check_repair_request(request: pb.RepairRequest) -> None:
 # --- the node side -----------------------------------------------------------------------
 
 
+class _Abandoned(Exception):
+    """A round stopped half-way: its stream is no longer LIVE or a pull began (skipped)."""
+
+
 class AntiEntropy:
     """Rounds with peers and answers to theirs; see the module docstring."""
 
@@ -203,6 +207,9 @@ class AntiEntropy:
             return self._failed(peer, f"{e.code().name}: {e.details()}")
         except BadMessage as e:
             return self._failed(peer, str(e))
+        except _Abandoned:
+            self.counters.counts["rounds_skipped"] += 1
+            return False
         self.counters.counts["rounds"] += 1
         self.counters.last_round_seconds = time.monotonic() - started
         return True
@@ -252,7 +259,12 @@ class AntiEntropy:
     async def _repair(
         self, peer: str, origin: str, chosen: list[int], stub: rpc.StateSyncStub
     ) -> None:
+        link = self._links.get(peer)
         for group in await self._groups(origin, chosen):
+            if link is None or link.state is not State.LIVE or self.busy():
+                # The stream broke or a pull began since the digests were
+                # compared (e.g. the peer restarted): they are stale.
+                raise _Abandoned
             as_of = self._clock_version()
             mine = await self._entries(origin, group)
             request = pb.RepairRequest(
@@ -283,12 +295,12 @@ class AntiEntropy:
                     sizes[b] += 1
             await asyncio.sleep(0)
         groups: list[list[int]] = []
-        total = CALL_ENTRIES
+        total = 0
         for b in chosen:
             if sizes[b] > MAX_ENTRIES // 2:  # room left for tombstones and growth
                 self.counters.counts["buckets_oversized"] += 1
                 continue
-            if total + sizes[b] > CALL_ENTRIES:
+            if not groups or total + sizes[b] > CALL_ENTRIES:  # (a first bucket may be empty)
                 groups.append([])
                 total = 0
             groups[-1].append(b)
@@ -314,9 +326,18 @@ class AntiEntropy:
                 reply.origins.append(pb.OriginDigest(origin=origin, count=count, hashes=hashes))
         return reply
 
-    async def serve_repair(self, request: pb.RepairRequest, peer: str) -> pb.RepairReply:
-        """Repair from ``peer``'s entries, answer with ours (read after the repair)."""
+    async def serve_repair(self, request: pb.RepairRequest, peer: str) -> pb.RepairReply | None:
+        """Repair from ``peer``'s entries, answer with ours (read after the repair).
+
+        None while :meth:`busy`, as for a digest: a round that began before
+        this node started a pull (a restart: its store is being filled)
+        would otherwise go on comparing a half-filled store, and walk the
+        whole store of the origin for every call, in the middle of the pull.
+        BadMessage if the request is malformed.
+        """
         check_repair_request(request)
+        if self.busy():
+            return None
         origin, buckets, group = request.origin, request.buckets, list(request.bucket_ids)
         theirs = entries_from_pb(request.entries, origin, buckets, group)
         mine = await self._entries(origin, group, buckets)

@@ -282,7 +282,7 @@ def apply_repairs(
 class AntiEntropyStats:
     rounds: int  # rounds completed (all origins compared with one peer)
     rounds_failed: int  # rounds cut short (peer unreachable, refused, bad reply)
-    rounds_skipped: int  # rounds not started: the peer's stream was not LIVE
+    rounds_skipped: int  # not started or stopped: the stream not LIVE, or a pull on either side
     origins_compared: int
     buckets_compared: int
     buckets_differing: int  # found different (repaired now or in a later round)

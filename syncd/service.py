@@ -231,9 +231,12 @@ class StateSyncService(rpc.StateSyncServicer):
                 context, "not-member", grpc.StatusCode.PERMISSION_DENIED, f"{peer[:40]!r}"
             )
         try:
-            return await anti_entropy.serve_repair(request, peer)
+            reply = await anti_entropy.serve_repair(request, peer)
         except BadMessage as e:
             await self._refuse(context, e.reason, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if reply is None:
+            await self._refuse(context, "syncing", grpc.StatusCode.UNAVAILABLE, "syncing")
+        return reply
 
     async def _anti_entropy(self, context: grpc.aio.ServicerContext[Any, Any]) -> AntiEntropy:
         if self.anti_entropy is None:

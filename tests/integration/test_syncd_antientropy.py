@@ -150,3 +150,53 @@ async def _metrics_scenario(tmp: str) -> None:
         if server is not None:
             await server.close()
         await asyncio.gather(a.stop(), b.stop())
+
+
+def test_no_repair_while_a_pull_runs(tmp_path) -> None:
+    """A round that outlives its digests (the peer restarted and pulls) stops, refused."""
+    asyncio.run(_busy_scenario(str(tmp_path)))
+
+
+async def _busy_scenario(tmp: str) -> None:
+    import grpc
+
+    from syncd._pb.stockade.sync.v1 import sync_pb2 as pb
+    from syncd._pb.stockade.sync.v1 import sync_pb2_grpc as rpc
+    from syncd.aerun import _Abandoned
+
+    ports = {"fwa": _port(), "fwb": _port()}
+    nodes = {}
+    for n, other in (("fwa", "fwb"), ("fwb", "fwa")):
+        config = SyncdConfig(
+            node_id=n, cluster_id="ae", state_dir=f"{tmp}/{n}", local_socket=f"{tmp}/{n}.sock",
+            listen=f"127.0.0.1:{ports[n]}", insecure=True, recovery_timeout=0.5,
+            peers=(PeerConfig(other, f"127.0.0.1:{ports[other]}"),),
+        )  # fmt: skip
+        nodes[n] = SyncNode(config, 1, None)
+    a, b = nodes["fwa"], nodes["fwb"]
+    try:
+        await asyncio.gather(a.start(), b.start())
+        await _until(lambda: a.links["fwb"].state is State.LIVE, 10, "stream up")
+        a.apply_local([(Op.CREATE, make_record(b"p-%03d" % i, "fwa", 1)) for i in range(100)])
+        await _until(lambda: len(b.store) == 100, 10, "deltas arrive")
+        b.links["fwa"].inbox.pulling = True  # fwb pulls a snapshot (as after a restart)
+        stub = rpc.StateSyncStub(a._channels["fwb"])  # type: ignore[no-untyped-call]
+        request = pb.RepairRequest(
+            origin="fwa", buckets=16, bucket_ids=[0, 1], as_of_version=1, node_id="fwa"
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Repair(request, timeout=5)
+        assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert "syncing" in (info.value.details() or "")
+        assert len(b.store) == 100  # nothing of fwa's (empty) entries applied
+        assert not await a.anti_entropy.round("fwb")  # the digest is refused too
+        skipped = a.anti_entropy.statistics().rounds_skipped
+        b.links["fwa"].inbox.pulling = False
+        a.links["fwb"].inbox.pulling = True  # the requester's own pull began mid-round
+        with pytest.raises(_Abandoned):
+            await a.anti_entropy._repair("fwb", "fwa", [0, 1], stub)
+        a.links["fwb"].inbox.pulling = False
+        assert await a.anti_entropy.round("fwb")
+        assert a.anti_entropy.statistics().rounds_skipped == skipped
+    finally:
+        await asyncio.gather(a.stop(), b.stop())
