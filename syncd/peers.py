@@ -398,13 +398,16 @@ class PeerLink:
         try:
             actions = stream.session.receive(envelope, now)
         except PeerError as e:
-            self._errors[e.reason] += 1
-            self._last_error = str(e)
-            stream.finish(StreamEnd(EndReason.PEER_ERROR, str(e)))
+            self._peer_error(stream, e)
             return False
         self._handle(actions, now)
         stream.wake.set()
         return True
+
+    def _peer_error(self, stream: _Stream, error: PeerError) -> None:
+        self._errors[error.reason] += 1
+        self._last_error = str(error)
+        stream.finish(StreamEnd(EndReason.PEER_ERROR, str(error)))
 
     async def _pump_loop(self, stream: _Stream, transport: Transport) -> None:
         session = stream.session
@@ -412,18 +415,27 @@ class PeerLink:
             stream.wake.clear()  # wakes set from here on are kept for the wait below
             now = self._clock()
             if session.page_pending:
-                # The next page's request goes out before this page is applied.
+                # The next page's request goes out before this page is
+                # checked and applied.
                 envelopes = session.messages_to_send(now)
                 if envelopes and not await self._write(stream, transport, envelopes):
                     return
-                self._handle(session.apply_pending(now), now)
+                try:
+                    self._handle(session.apply_pending(now), now)
+                except PeerError as e:
+                    self._peer_error(stream, e)
+                    return
                 # The next page may have arrived while this one was applied:
                 # let the reader hand it over before timers are looked at.
                 await asyncio.sleep(0)
                 now = self._clock()
             due = session.next_deadline()
             if due is not None and due <= now:
-                self._handle(session.handle_timer(now), now)
+                try:
+                    self._handle(session.handle_timer(now), now)
+                except PeerError as e:  # a page checked there (see apply_pending)
+                    self._peer_error(stream, e)
+                    return
             envelopes = session.messages_to_send(now)
             if envelopes and not await self._write(stream, transport, envelopes):
                 return

@@ -515,10 +515,12 @@ class SessionStats:
     pages_refused: int  # snapshot requests dropped: too many replies queued
     early_dropped: int  # messages before the peer's Hello
     stale_dropped: int  # replies to old snapshot requests
+    pages_discarded: int  # pages received, not applied: the pull was restarted or closed first
     page_rtt_samples: int  # snapshot page round trips measured (they set the retry timer)
     after_close_dropped: int
     store_full: int  # records the replica store refused (leads to a resync)
     suspicions: int
+    stalls: int  # timer calls more than suspect_after after our previous call (not silence)
 
 
 class PeerSession:
@@ -558,9 +560,11 @@ class PeerSession:
         self._hello_at: float | None = None
         self._full_resync_at: float | None = None
         self._heartbeats = 0
-        # A snapshot page validated and its successor requested, not yet
-        # applied: apply_pending() (or any other input first) applies it.
-        self._pending: list[FlowRecord] | None = None
+        # A snapshot page whose successor was requested, not yet applied:
+        # apply_pending() (or any other input first) checks and applies it.
+        # The first page is checked on arrival (records); a middle page
+        # after its successor's request went out (the message).
+        self._pending: list[FlowRecord] | pb.SnapshotChunk | None = None
         fields = SessionStats.__dataclass_fields__
         self._counts = dict.fromkeys((f for f in fields if f not in ("peer", "state")), 0)
 
@@ -581,20 +585,30 @@ class PeerSession:
 
     @property
     def page_pending(self) -> bool:
-        """A snapshot page waits for :meth:`apply_pending` (send first, then apply)."""
+        """A snapshot page waits for :meth:`apply_pending` (send first, then check and apply)."""
         return self._pending is not None
 
     def apply_pending(self, now: float) -> list[Action]:
-        """Apply the snapshot page whose successor was requested (no-op if none)."""
+        """Check and apply the snapshot page whose successor was requested (no-op if none).
+
+        Raises :class:`PeerError` after moving to CLOSED if that page is bad
+        (nothing of it applied), as :meth:`receive` does for a bad message.
+        """
         actions: list[Action] = []
-        records, self._pending = self._pending, None
-        if records is not None:
-            self._report([*self._apply_page(records, now)], actions)
+        try:
+            self._apply_pending(now, actions)
+        except PeerError:
+            self._fire(Event.PEER_ERROR, actions)
+            raise
         return actions
 
     def close(self, now: float) -> list[Action]:
         """Local close or the stream ended; idempotent."""
-        actions = self.apply_pending(now)  # valid records: the pull resumes after them
+        actions: list[Action] = []
+        try:
+            self._apply_pending(now, actions)  # valid records: the pull resumes after them
+        except PeerError:
+            self._counts["pages_discarded"] += 1  # not applied; the pull resumes before it
         if self._state is not State.CLOSED:
             self._now = max(self._now, now)
             self._fire(Event.CLOSE, actions)
@@ -602,7 +616,10 @@ class PeerSession:
 
     def request_resync(self, now: float) -> list[Action]:
         """Pull a fresh snapshot of the peer's flows (e.g. anti-entropy mismatch)."""
-        actions = self.apply_pending(now)  # before the new sweep begins
+        actions: list[Action] = []
+        if self._pending is not None:  # of the pull being replaced: not checked, not needed
+            self._pending = None
+            self._counts["pages_discarded"] += 1
         self._now = max(self._now, now)
         self._inbox.start_pull(self._inbox.applied)
         if self._state in (State.LIVE, State.SYNCING, State.SUSPECT):
@@ -623,9 +640,10 @@ class PeerSession:
             return []
         self._now = max(self._now, now)
         self._counts["messages_received"] += 1
-        actions = self.apply_pending(now)  # in order: that page before this message
+        actions: list[Action] = []
         kind = msg.WhichOneof("body")
         try:
+            self._apply_pending(now, actions)  # in order: that page before this message
             handler = self._HANDLERS.get(kind or "")
             if handler is None:
                 raise BadMessage("empty-envelope", "envelope without a body")
@@ -648,8 +666,17 @@ class PeerSession:
         """Run what is due at ``now``: suspicion, resends, snapshot retries."""
         if self._state in (State.IDLE, State.CLOSED):
             return []
+        away = now - self._now
+        if away > self.config.suspect_after:
+            # Nothing called us for that long (our loop stalled: a long
+            # page, a full GC pass, a starved CPU): the peer's messages wait
+            # in the transport, unread.  Time we were not listening is not
+            # the peer's silence, or one stall would make us suspect it and
+            # a stall of dead_after would end a healthy stream.
+            self._last_heard += away
+            self._counts["stalls"] += 1
         self._now = max(self._now, now)
-        actions = self.apply_pending(now)
+        actions = self.apply_pending(now)  # raises PeerError if that page is bad
         # Compare as next_deadline() computes (t0 + delay), so float rounding
         # cannot leave a deadline that is due but never acted on.
         heard = self._last_heard
@@ -925,47 +952,76 @@ class PeerSession:
     def _on_snapshot_chunk(self, msg: pb.Envelope, now: float, actions: list[Action]) -> None:
         chunk = msg.snapshot_chunk
         self._check_peer_stream(chunk.origin, chunk.epoch, "snapshot page")
-        records = self._check_page(chunk)
+        self._check_page_shape(chunk)
         inbox = self._inbox
         if (
             not inbox.pulling
             or not inbox.attempt_from <= chunk.request_id <= inbox.request_id
             or chunk.cursor != inbox.cursor
         ):
+            self._check_page(chunk)  # a bad page is an error even when it comes late
             self._counts["stale_dropped"] += 1
             return
         if inbox.cursor and chunk.order != inbox.order:
             raise BadMessage("bad-snapshot-page", f"order {chunk.order} in a pull of {inbox.order}")
-        inbox.order = chunk.order
         self._page_rtt_sample(now)
         self._request_at = None
+        self._ack_due = True
+        if inbox.cursor and not chunk.last:
+            # A middle page: ask for the next one first and check and apply
+            # this one after (apply_pending), so the peer reads and sends it
+            # while we work instead of both sides taking turns idling.  The
+            # cursor advances only once this page has passed its checks; a
+            # bad page closes the stream before anything of it is applied.
+            self._send_request(now, cursor=bytes(chunk.next_cursor))
+            self._pending = chunk
+            return
+        records = self._check_page(chunk)
+        inbox.order = chunk.order
         if not inbox.cursor:
             if not inbox.first_page(chunk.base_seq):
                 self._send_request(now)  # the snapshot began before the loss it must cover
                 return
             # Deltas dropped while waiting are resent at once from base + 1.
             self._gap_ack, inbox.deferred = inbox.deferred, False
-        self._ack_due = True
         inbox.page_done(bytes(chunk.next_cursor), chunk.last)
         if chunk.last:
             changes: list[Change | None] = [*self._apply_page(records, now)]
             changes += self._store.end_sweep(self.peer, now)
             self._fire(Event.SYNCED, actions)
             self._report(changes, actions)
-        else:
-            # Ask for the next page first, apply this one after (apply_pending):
-            # the peer reads and sends it while we apply, instead of both
-            # sides taking turns idling.
+        else:  # the first page: it gave the base; apply it after the next request
             self._send_request(now)
             self._pending = records
 
-    def _check_page(self, chunk: pb.SnapshotChunk) -> list[FlowRecord]:
+    def _apply_pending(self, now: float, actions: list[Action]) -> None:
+        """Check (a middle page) and apply the page waiting since its successor was asked for."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        if isinstance(pending, list):
+            records = pending  # the first page, checked on arrival
+        else:
+            records = self._check_page(pending)
+            if pending.order != self._inbox.order:
+                raise BadMessage("bad-snapshot-page", "page order changed mid-pull")
+            self._inbox.page_done(bytes(pending.next_cursor), False)
+        self._report([*self._apply_page(records, now)], actions)
+
+    @staticmethod
+    def _check_page_shape(chunk: pb.SnapshotChunk) -> None:
+        """The checks that need no record read (the rest: :meth:`_check_page`)."""
         if len(chunk.records) > MAX_PAGE_RECORDS or len(chunk.next_cursor) > MAX_CURSOR_LEN:
             raise BadMessage("bad-snapshot-page", "too many records or cursor too long")
         if not 0 <= chunk.base_seq <= MAX_U63:
             raise BadMessage("bad-snapshot-page", f"base_seq {chunk.base_seq}")
         if chunk.order not in ORDERS:
             raise BadMessage("bad-snapshot-page", f"order {chunk.order}")
+        if not chunk.last and chunk.next_cursor <= chunk.cursor:
+            raise BadMessage("bad-snapshot-page", "next_cursor does not advance")
+
+    def _check_page(self, chunk: pb.SnapshotChunk) -> list[FlowRecord]:
+        self._check_page_shape(chunk)
         chunk.DiscardUnknownFields()  # as in _on_batch
         records = records_from_pb(chunk.records)
         peer = self.peer
@@ -1007,7 +1063,7 @@ class PeerSession:
         if done or created:
             actions.append(ReplicaChanged(done, created))
 
-    def _send_request(self, now: float, retry: bool = False) -> None:
+    def _send_request(self, now: float, retry: bool = False, cursor: bytes | None = None) -> None:
         """Queue the snapshot request for the inbox's cursor (a new id each time).
 
         A ``retry`` waits twice as long as the last one for its reply: a big
@@ -1021,12 +1077,14 @@ class PeerSession:
         )
         self._request_retried = retry
         inbox = self._inbox
-        if not inbox.cursor:
+        if cursor is None:
+            cursor = inbox.cursor
+        if not cursor:
             inbox.base = None
             self._store.begin_sweep(self.peer)  # confirmations start counting from here
         request = pb.SnapshotRequest(
             origin=self.peer,
-            cursor=inbox.cursor,
+            cursor=cursor,
             request_id=inbox.next_request_id(),
             max_records=self.config.snapshot_page,
             order=inbox.order,

@@ -257,7 +257,28 @@ def resync(c: Cluster, total: int, spy: str = "") -> dict[str, float]:
     inner = c["fwb"].stats()["peers"]["fwa"]["last_resync_seconds"]
     print(f"resync of {total} flows: {wall:.2f} s after ready ({inner:.2f} s in the session;"
           f" syncd CPU s from ready: {used})")  # fmt: skip
-    return {"flows": total, "wall_seconds": wall, "session_seconds": inner, "cpu_seconds": used}
+    diag = {n: _pull_counters(c[n].stats(), p) for n, p in (("fwa", "fwb"), ("fwb", "fwa"))}
+    print(f"  counters: {diag}")
+    return {
+        "flows": total, "wall_seconds": wall, "session_seconds": inner, "cpu_seconds": used,
+        "counters": diag,
+    }  # fmt: skip
+
+
+def _pull_counters(stats: dict[str, Any], peer: str) -> dict[str, Any]:
+    """What explains a slow pull: pages served twice, stale replies, streams that ended."""
+    link = stats["peers"][peer]
+    wanted = ("pages_served", "pages_refused", "stale_dropped", "retransmits", "suspicions")
+    return {
+        **{k: link["session"].get(k) for k in wanted},
+        "stream_ends": link.get("stream_ends"),
+        "pages": link["inbox"].get("pages"),
+        "loop": stats.get("loop"),
+        "anti_entropy": {
+            k: (stats.get("anti_entropy") or {}).get(k)
+            for k in ("rounds", "rounds_skipped", "rounds_failed", "peer_repairs")
+        },
+    }
 
 
 def _spy(d: Daemon, path: str) -> subprocess.Popen[bytes]:

@@ -95,6 +95,12 @@ class Duo:
         for name, s in self.sessions.items():
             self.actions[name] += s.handle_timer(self.now)
 
+    def run_for(self, dt: float, step: float = 0.05) -> None:
+        """Time passes with the timers run every ``step`` (as the adapter's pump does)."""
+        end = self.now + dt
+        while self.now < end - 1e-9:
+            self.advance(min(step, end - self.now))
+
     def live(self) -> None:
         self.start()
         self.exchange()
@@ -587,6 +593,82 @@ def test_a_page_in_another_order_than_the_pull_is_refused() -> None:
     assert len(list(duo.nodes["b"].store.records("a"))) == before == 2
 
 
+def _pull_to_the_second_page(duo: Duo) -> pb.Envelope:
+    """b pulls a's snapshot (pages of 2); returns a's reply with the second page."""
+    for k in range(7):
+        emit(duo.nodes["a"], k)
+    duo.start()
+    duo.deliver("a", duo.out("b"))
+    duo.deliver("b", duo.out("a"))
+    duo.deliver("a", duo.out("b"))
+    duo.deliver("b", duo.out("a"))  # the first page: checked, b asks for the second
+    duo.deliver("a", [m for m in duo.out("b") if m.HasField("snapshot_request")])
+    duo.b.apply_pending(duo.now)
+    [second] = [m for m in duo.out("a") if m.HasField("snapshot_chunk")]
+    assert not second.snapshot_chunk.last and second.snapshot_chunk.cursor
+    return second
+
+
+def test_a_middle_page_is_requested_past_before_it_is_checked() -> None:
+    """The next page's request goes out first; the page is checked and applied after."""
+    duo = Duo(SessionConfig(cluster_id=CLUSTER, snapshot_page=2))
+    second = _pull_to_the_second_page(duo)
+    held = len(list(duo.nodes["b"].store.records("a")))
+    duo.deliver("b", [second])
+    assert duo.b.page_pending
+    assert len(list(duo.nodes["b"].store.records("a"))) == held  # not applied yet
+    [request] = [m for m in duo.out("b") if m.HasField("snapshot_request")]
+    assert request.snapshot_request.cursor == second.snapshot_chunk.next_cursor
+    duo.deliver("a", [request])
+    duo.b.apply_pending(duo.now)
+    assert len(list(duo.nodes["b"].store.records("a"))) == held + 2
+    assert duo.nodes["b"].inboxes["a"].cursor == second.snapshot_chunk.next_cursor
+    duo.exchange()
+    assert duo.state("b") is State.LIVE
+    assert duo.nodes["b"].replicas_of("a") == duo.nodes["a"].own_flows()
+
+
+@pytest.mark.parametrize("how", ["apply_pending", "receive", "handle_timer"])
+def test_a_bad_middle_page_closes_the_stream_with_nothing_of_it_applied(how: str) -> None:
+    duo = Duo(SessionConfig(cluster_id=CLUSTER, snapshot_page=2))
+    second = _pull_to_the_second_page(duo)
+    records = second.snapshot_chunk.records
+    records[0].CopyFrom(records[1])  # the same key twice: not increasing
+    held = sorted(duo.nodes["b"].store.records("a"), key=lambda r: r.key)
+    cursor = duo.nodes["b"].inboxes["a"].cursor
+    duo.deliver("b", [second])  # only the cheap checks so far: the request goes out
+    assert "snapshot_request" in kinds(duo.out("b"))
+    with pytest.raises(BadMessage) as info:
+        if how == "apply_pending":
+            duo.b.apply_pending(duo.now)
+        elif how == "receive":
+            duo.b.receive(pb.Envelope(heartbeat=pb.Heartbeat()), duo.now)
+        else:
+            duo.b.handle_timer(duo.now)
+    assert info.value.reason == "bad-snapshot-page"
+    assert duo.state("b") is State.CLOSED
+    assert sorted(duo.nodes["b"].store.records("a"), key=lambda r: r.key) == held
+    assert duo.nodes["b"].inboxes["a"].cursor == cursor  # a new stream resumes at that page
+
+
+def test_a_page_pending_at_close_is_applied_or_discarded() -> None:
+    duo = Duo(SessionConfig(cluster_id=CLUSTER, snapshot_page=2))
+    second = _pull_to_the_second_page(duo)
+    held = len(list(duo.nodes["b"].store.records("a")))
+    duo.deliver("b", [second])
+    duo.b.close(duo.now)  # a good page: applied, the pull resumes after it
+    assert len(list(duo.nodes["b"].store.records("a"))) == held + 2
+    duo = Duo(SessionConfig(cluster_id=CLUSTER, snapshot_page=2))
+    second = _pull_to_the_second_page(duo)
+    second.snapshot_chunk.records[1].family = 9
+    held = len(list(duo.nodes["b"].store.records("a")))
+    duo.deliver("b", [second])
+    duo.b.close(duo.now)  # a bad one: dropped, the pull resumes before it
+    assert len(list(duo.nodes["b"].store.records("a"))) == held
+    assert duo.b.statistics().pages_discarded == 1
+    assert duo.nodes["b"].inboxes["a"].cursor == second.snapshot_chunk.cursor
+
+
 def test_deltas_before_the_first_page_do_not_confirm_keys() -> None:
     # The update reaches b before the snapshot's first page, the delete is
     # lost; the page (read after the delete) does not hold the key.  Had b
@@ -702,18 +784,45 @@ def test_silence_makes_suspect_then_closed_and_traffic_recovers() -> None:
     duo.deliver("a", [pb.Envelope(heartbeat=pb.Heartbeat())])
     assert duo.state("a") is State.LIVE
     assert StateChanged(State.SUSPECT, State.LIVE, Event.RECOVERED) in duo.actions["a"]
-    duo.advance(CFG.dead_after)
+    duo.run_for(CFG.dead_after)
     assert duo.state("a") is State.CLOSED
     assert StateChanged(State.SUSPECT, State.CLOSED, Event.DEAD) in duo.actions["a"]
+    assert duo.a.statistics().stalls == 0
 
 
 def test_no_hello_means_dead() -> None:
     duo = Duo()
     duo.start()
-    duo.advance(CFG.dead_after - 0.001)
+    duo.run_for(CFG.dead_after - 0.001)
     assert duo.state("a") is State.HELLO_SENT
     duo.advance(0.001)
     assert duo.state("a") is State.CLOSED
+
+
+def test_our_own_stall_is_not_the_peers_silence() -> None:
+    """A loop stalled longer than dead_after: the peer is not suspected, the stream lives."""
+    duo = Duo()
+    duo.live()
+    duo.advance(CFG.suspect_after / 2)  # heard nothing for a while, then ...
+    duo.advance(CFG.dead_after + 1.0)  # ... nothing called us for 3 s
+    assert duo.state("a") is State.LIVE and duo.a.statistics().suspicions == 0
+    assert duo.a.statistics().stalls == 1
+    duo.deliver("a", duo.out("b"))  # what waited in the transport is read
+    assert duo.state("a") is State.LIVE
+    duo.run_for(CFG.suspect_after + 0.01)  # silence while we listen counts again
+    assert duo.state("a") is State.SUSPECT
+    duo.run_for(CFG.dead_after)
+    assert duo.state("a") is State.CLOSED
+
+
+def test_silence_before_a_stall_still_counts() -> None:
+    duo = Duo()
+    duo.live()
+    duo.run_for(CFG.suspect_after * 0.8)
+    duo.advance(1.0)  # a stall
+    assert duo.state("a") is State.LIVE
+    duo.run_for(CFG.suspect_after * 0.3)  # 0.8 + 0.3 of it heard nothing while listening
+    assert duo.state("a") is State.SUSPECT
 
 
 def test_suspect_during_a_pull_recovers_to_syncing() -> None:
