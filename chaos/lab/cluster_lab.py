@@ -39,6 +39,7 @@ from chaos.lab.state import (
 from chaos.lab.topology import LabTopology, load_template, render
 
 READY_TIMEOUT = 30.0
+ETCD_NICE = -10  # the lab etcd's niceness: as syncd's (see _start_etcd)
 # Popen objects of detached daemons, kept so they are not collected (and
 # warned about) while this process lives; ``down`` stops them by PID.
 _DETACHED: list[subprocess.Popen[bytes]] = []
@@ -328,10 +329,17 @@ class ClusterLab:
         from cluster.etcd_server import ETCD_BINARY, LocalEtcd
 
         # LocalEtcd runs its binary directly; this wrapper runs etcd in the
-        # lab's etcd namespace (same PID: setsid and ip netns exec both exec).
+        # lab's etcd namespace (same PID: setsid, ip netns exec and nice all
+        # exec).  In production etcd has machines of its own; here it shares
+        # two cores with three filters and the traffic, and every revocation
+        # and VIP claim of a failover is an etcd round trip: it gets the
+        # CPU share syncd has (nice -10, every thread), so a busy data plane
+        # cannot stretch the failover through etcd.
         wrapper = self.dir / "etcd-in-netns"
         ns = state["etcd"]["namespace"]
-        wrapper.write_text(f'#!/bin/sh\nexec setsid ip netns exec {ns} {ETCD_BINARY} "$@"\n')
+        wrapper.write_text(
+            f'#!/bin/sh\nexec setsid ip netns exec {ns} nice -n {ETCD_NICE} {ETCD_BINARY} "$@"\n'
+        )
         wrapper.chmod(0o755)
         etcd = LocalEtcd(
             self.dir / "etcd",

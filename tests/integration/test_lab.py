@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from chaos.lab.build import LabNames, lab_namespaces, pid_alive
+from chaos.lab.cluster_lab import ETCD_NICE
 from chaos.lab.state import state_dir
 
 pytestmark = [
@@ -65,6 +66,11 @@ def test_lab_up_traffic_status_down(lab_name: str) -> None:
     assert state["status"] == "up" and state["mode"] == "sync"
     assert len(state["namespaces"]) == 8
     assert all(pid_alive(p) for p in _pids(state))
+    # etcd gets syncd's CPU share, every thread of it (chaos.lab.cluster_lab).
+    etcd_tasks = Path(f"/proc/{state['etcd']['pid']}/task").iterdir()
+    assert {int(Path(t, "stat").read_text().rsplit(")", 1)[1].split()[16]) for t in etcd_tasks} == {
+        ETCD_NICE
+    }
 
     status = _lab("status", "--name", lab_name, "--json")
     assert status.returncode == 0, status.stdout + status.stderr
