@@ -75,16 +75,21 @@ def reboot_commands(
     return cmds + [list(r) for r in routes]
 
 
+def _software_vips(state: dict[str, Any], ns: str) -> list[tuple[str, str]]:
+    """The VIPs (address, interface) on the node when the agent places them, else none."""
+    if not software_places_vips(state):
+        return []
+    out = build.run(["ip", "-n", ns, "-j", "-4", "addr", "show"], check=False)
+    return held_vips(out, state["vips"])
+
+
 def restart_node(
     state: dict[str, Any], node: str, links: Sequence[str], wait: float | None = 30.0
 ) -> tuple[tuple[int, ...], tuple[str, ...]]:
     """Start ``node`` again; return (new PIDs, commands run)."""
     entry = state["nodes"][node]
     ns = entry["namespace"]
-    held: list[tuple[str, str]] = []
-    if software_places_vips(state):
-        out = build.run(["ip", "-n", ns, "-j", "-4", "addr", "show"], check=False)
-        held = held_vips(out, state["vips"])
+    held = _software_vips(state, ns)
     names = build.LabNames(state["name"])
     topo = lab_topology(state)
     spec = topo.node(node)
@@ -96,7 +101,15 @@ def restart_node(
     # from before the kill carry TCP windows that are stale by now, and the
     # kernel would drop the flows as INVALID once they come back.
     build.run(["ip", "netns", "exec", ns, "conntrack", "-F"], check=False)
-    build.run_commands(cmds)
+    # The agent adds VIPs with a lifetime (vip_lifetime): one listed above may
+    # have expired by the time it is deleted, which is the end we want; only
+    # an address still there afterwards is an error.
+    deletes, rest = cmds[: len(held)], cmds[len(held) :]
+    for argv in deletes:
+        build.run(argv, check=False)
+    if held and (left := _software_vips(state, ns)):
+        raise LabError(f"{node}: VIPs still on the node after removing them: {left}")
+    build.run_commands(rest)
     if system_of(state) == STOCKADE:
         pids: tuple[int, ...] = (_start_stockade(state, node),)
     else:
