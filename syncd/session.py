@@ -100,6 +100,7 @@ from syncd.records import (
 from syncd.replica import Change, Outcome, ReplicaStore
 
 PROTOCOL: Final = 1  # Hello.protocol spoken here
+_FULL: Final = Outcome.FULL  # a global: Enum attributes cost a descriptor call (3.11)
 MAX_BATCH_DELTAS: Final = 4096  # larger batches from a peer are BadMessage
 MAX_PAGE_RECORDS: Final = 4096  # larger snapshot pages (asked or received) are BadMessage
 MAX_SEEN: Final = 1024  # cursors in one Hello
@@ -1041,7 +1042,7 @@ class PeerSession:
 
     def _apply(self, op: Op, record: FlowRecord, now: float) -> Change | None:
         outcome, change = self._store.apply(op, record, now)
-        if outcome is Outcome.FULL:
+        if outcome is _FULL:
             self._counts["store_full"] += 1
             if self._full_resync_at is None:
                 self._full_resync_at = now + self.config.full_resync_holdoff

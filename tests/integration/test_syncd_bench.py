@@ -59,6 +59,21 @@ def cpu_seconds(d: Daemon) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu(d: Daemon) -> dict[str, float]:
+    """CPU seconds per thread name of a syncd process (main loop vs gRPC's, beacon)."""
+    assert d.proc is not None
+    out: dict[str, float] = {}
+    task = f"/proc/{d.proc.pid}/task"
+    for tid in os.listdir(task):
+        with open(f"{task}/{tid}/stat", encoding="ascii", errors="replace") as f:
+            text = f.read()
+        name = "main" if tid == str(d.proc.pid) else text[text.index("(") + 1 : text.rindex(")")]
+        fields = text.rsplit(")", 1)[1].split()
+        used = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        out[name] = round(out.get(name, 0.0) + used, 2)
+    return out
+
+
 def cpu_used(c: Cluster, before: dict[str, float]) -> dict[str, float]:
     return {n: round(cpu_seconds(c[n]) - t, 2) for n, t in before.items()}
 
@@ -258,6 +273,7 @@ def resync(c: Cluster, total: int, spy: str = "") -> dict[str, float]:
     print(f"resync of {total} flows: {wall:.2f} s after ready ({inner:.2f} s in the session;"
           f" syncd CPU s from ready: {used})")  # fmt: skip
     diag = {n: _pull_counters(c[n].stats(), p) for n, p in (("fwa", "fwb"), ("fwb", "fwa"))}
+    diag["fwb"]["threads"] = thread_cpu(c["fwb"])
     print(f"  counters: {diag}")
     return {
         "flows": total, "wall_seconds": wall, "session_seconds": inner, "cpu_seconds": used,

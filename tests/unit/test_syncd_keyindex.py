@@ -54,6 +54,19 @@ def test_index_is_a_set(ops: list[tuple[bool, bytes]]) -> None:
     assert all(k in index for k in model) and b"absent-key-xyz" not in index
 
 
+@settings(max_examples=100)
+@given(st.lists(keys_st, max_size=100), st.lists(keys_st, max_size=100))
+def test_add_many_is_add_in_a_loop(first: list[bytes], then: list[bytes]) -> None:
+    one, many = KeyIndex(first), KeyIndex(first)
+    one.page(b"", 3)  # a sorted bucket cached: adding to it must drop the cache
+    many.page(b"", 3)
+    for key in then:
+        one.add(key)
+    many.add_many(then)
+    assert len(one) == len(many) == len(set(first) | set(then))
+    assert walk(one, 3) == walk(many, 3)
+
+
 @settings(max_examples=200)
 @given(st.sets(keys_st, max_size=300), st.integers(1, 50))
 def test_pages_give_every_key_once_in_order(keys: set[bytes], limit: int) -> None:

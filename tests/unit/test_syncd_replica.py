@@ -306,8 +306,11 @@ def test_upsert_many_is_apply_update_in_a_loop(ops, page, sweep, capacity, index
     assert full == sum(1 for o, _ in outcomes if o is Outcome.FULL)
     assert one.statistics() == many.statistics()
     assert sorted(one.records(), key=lambda r: r.key) == sorted(many.records(), key=lambda r: r.key)
-    for origin in ("fw1", "fw2"):  # the same snapshot index
+    for origin in ("fw1", "fw2"):  # the same snapshot index, in both orders
         assert one.snapshot_page(origin, b"", 100) == many.snapshot_page(origin, b"", 100)
+        by_bucket = many.snapshot_page(origin, b"", 100, ORDER_BUCKET)
+        assert by_bucket == one.snapshot_page(origin, b"", 100, ORDER_BUCKET)
+        assert len(by_bucket.records) == many.count(origin) == one.count(origin)
     if sweep:
         assert one.end_sweep("fw1", 3.0) == many.end_sweep("fw1", 3.0)
     assert one.expire(1e6) == many.expire(1e6)  # the same orphans
