@@ -114,10 +114,11 @@ def create_frames(node: str, first: int, n: int) -> list[bytes]:
 
 
 def throughput(
-    c: Cluster, fa: Filter, fb: Filter, n: int, first: int
+    c: Cluster, fa: Filter, fb: Filter, n: int, first: int, spy: str = ""
 ) -> tuple[float, dict[str, float]]:
     frames = create_frames(fa.node_id, first, n)
     cpu = {name: cpu_seconds(c[name]) for name in ("fwa", "fwb")}
+    spies = [_spy(c[name], f"{spy}-{name}.txt") for name in ("fwa", "fwb")] if spy else []
     start = time.monotonic()
     for frame in frames:
         fa.sock.sendall(frame)
@@ -125,6 +126,9 @@ def throughput(
     wait_for(lambda: arrivals(fb, "fwa") >= n, 120 + n / 1000, "all deltas at fwb's filter")
     took = time.monotonic() - start
     used = cpu_used(c, cpu)
+    for proc in spies:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
     print(f"throughput: {n} deltas sent in {sent:.2f} s, all applied at fwb in {took:.2f} s"
           f" (syncd CPU s: {used})")  # fmt: skip
     return n / took, used
@@ -314,7 +318,7 @@ def run(
         c.start()
         fa, fb = c.filter("fwa"), c.filter("fwb")
         wait_for(lambda: c["fwa"].stats()["peers"]["fwb"]["state"] == "live", 10, "link up")
-        rate_seen, throughput_cpu = throughput(c, fa, fb, deltas, 0)
+        rate_seen, throughput_cpu = throughput(c, fa, fb, deltas, 0, f"{spy}tp" if spy else "")
         lat = latency(fa, fb, rate, seconds, 10_000_000)
         results: dict[str, Any] = {
             "deltas": deltas, "deltas_per_second": round(rate_seen),
