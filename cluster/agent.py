@@ -651,14 +651,17 @@ class Agent:
             return self._status_due(now, actions)  # fail static: move nothing, revoke nobody
         actions += self._confirm(suspects, now)
         actions += self._gate(now)
+        if self._holders is not None:
+            actions += self._plan(suspects, now)
+            actions += self._drain_progress(now)
+        # The listing goes after the claims: the runner runs actions in order,
+        # and a claim due now must not wait for an etcd round trip whose answer
+        # this tick's plan cannot use anyway.
         due = self._holders is None or now - self._holders_at >= self.config.holders_interval
         if due and not self._listing:
             self._listing = True
             self._holders_at = now
             actions.append(RefreshHolders())
-        if self._holders is not None:
-            actions += self._plan(suspects, now)
-            actions += self._drain_progress(now)
         return self._status_due(now, actions)
 
     def _fence_isolated(self, now: float) -> list[Action]:

@@ -211,16 +211,25 @@ class AgentRunner:
         self._tasks.append(asyncio.create_task(self._isolation_loop(), name="agent-isolation"))
         if self._guard is not None:
             self._tasks.append(asyncio.create_task(self._keepalive_loop(), name="agent-keepalive"))
+        delay = self.config.tick
         while True:
-            await asyncio.sleep(self._until_next_step())
+            await asyncio.sleep(delay)
             stall, self._stall = self._stall, 0.0
+            start = time.monotonic()
+            due = self.agent.next_deadline(start)
             if stall:
-                await self._execute(self.agent.stalled(stall, time.monotonic()))
+                await self._execute(self.agent.stalled(stall, start))
             await self._step(time.monotonic())
+            delay = self._until_next_step(due)
 
-    def _until_next_step(self) -> float:
-        """A tick, or less when the agent has a deadline sooner (``Agent.next_deadline``)."""
+    def _until_next_step(self, due_during_step: float | None = None) -> float:
+        """A tick, or less when the agent has a deadline sooner (``Agent.next_deadline``);
+        no wait when a deadline came while the last step waited on etcd (a claim
+        whose takeover guard ended during a slow listing must not wait a tick).
+        """
         now = time.monotonic()
+        if due_during_step is not None and due_during_step <= now:
+            return 0.0
         due = self.agent.next_deadline(now)
         if due is None:
             return self.config.tick

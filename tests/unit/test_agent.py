@@ -484,7 +484,10 @@ def test_a_taker_that_did_not_revoke_claims_after_the_guard_without_a_new_listin
     guard = agent.config.takeover_guard
     acts = agent.tick(1.05 + guard + 0.001)
     assert "10.9.0.2" in {a.vip for a in of(acts, ClaimVip)}
-    assert of(acts, RefreshHolders)  # and a listing to confirm the view
+    assert of(acts, RefreshHolders)  # and a listing to confirm the view,
+    # after the claims: the runner runs actions in order, a claim must not
+    # wait for a listing's round trip.
+    assert acts.index(of(acts, ClaimVip)[0]) < acts.index(of(acts, RefreshHolders)[0])
 
 
 def test_a_listing_from_before_the_departure_does_not_bring_its_claims_back() -> None:
