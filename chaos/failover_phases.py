@@ -31,13 +31,6 @@ class Phases:
     claimed: float | None  # survivors held the last of the victim's VIPs
     vips_claimed: int  # how many of the victim's VIPs were acquired from it
 
-    def as_ms(self) -> dict[str, float | None]:
-        return {
-            "suspected_ms": _ms(self.suspected),
-            "revoked_ms": _ms(self.revoked),
-            "claimed_ms": _ms(self.claimed),
-        }
-
 
 def failover_phases(events: Iterable[Mapping[str, Any]], victim: str, fault_wall: float) -> Phases:
     """The first suspicion and revocation of ``victim`` at or after ``fault_wall``,
@@ -67,7 +60,3 @@ def failover_phases(events: Iterable[Mapping[str, Any]], victim: str, fault_wall
             acquired[vip] = min(at, acquired.get(vip, at))
     claimed = max(acquired.values()) if acquired else None
     return Phases(suspected, revoked, claimed, len(acquired))
-
-
-def _ms(value: float | None) -> float | None:
-    return None if value is None else round(value * 1000, 1)
