@@ -32,9 +32,13 @@ class Phases:
     vips_claimed: int  # how many of the victim's VIPs were acquired from it
 
 
-def failover_phases(events: Iterable[Mapping[str, Any]], victim: str, fault_wall: float) -> Phases:
-    """The first suspicion and revocation of ``victim`` at or after ``fault_wall``,
-    and the last ``vip-acquired ... (from victim)`` of the first takeover.
+def failover_phases(
+    events: Iterable[Mapping[str, Any]], victim: str, fault_wall: float, until: float
+) -> Phases:
+    """The first suspicion and revocation of ``victim`` in the ``until`` seconds
+    after ``fault_wall``, and the last ``vip-acquired ... (from victim)`` of
+    the first takeover.  ``until`` is where the trial's observation ended: the
+    recovery that follows (a restart, a thaw) brings events of its own.
 
     A VIP acquired from the victim twice (it moved on again) counts once, at
     its first acquisition: the path came back then.  Malformed records are
@@ -48,7 +52,7 @@ def failover_phases(events: Iterable[Mapping[str, Any]], victim: str, fault_wall
             at = float(event["ts"]) - fault_wall
         except (KeyError, TypeError, ValueError):
             continue
-        if at < 0 or node == victim:
+        if not 0 <= at <= until or node == victim:
             continue
         words = detail.split()
         if kind == "suspect" and words[:1] == [victim]:

@@ -308,16 +308,16 @@ def run_trials(
             tick.now,
             takeover=None if moved_at is None else moved_at - injected.at,
         )
-        results.append(result)
         lat = "-" if result.latency is None else f"{result.latency * 1000:.0f} ms"
         path = "-" if result.path_restore is None else f"{result.path_restore * 1000:.0f} ms"
         took = "never" if moved_at is None else f"{(moved_at - injected.at) * 1000:.0f} ms"
         recovered = recover(lab, victim, fault, wait=s.settle_timeout)
         settled_in = settle(lab, probes, s, log)
         # Read after settling: the agents write their events asynchronously.
-        phases = trial_phases(state, spec, victim, fault_wall)
+        phases = trial_phases(state, spec, victim, fault_wall, tick.now - injected.at)
         if phases is not None:
             result = dataclasses.replace(result, phases=phases)
+        results.append(result)
         log(
             f"{spec.label} {s.fault} trial {trial}/{s.trials}: {victim} at {injected.at:.3f}, "
             f"{result.affected} flows affected, {result.lost} lost, TCP {lat}, path {path}, "
@@ -328,14 +328,15 @@ def run_trials(
 
 
 def trial_phases(
-    state: Mapping[str, Any], spec: SystemSpec, victim: str, fault_wall: float
+    state: Mapping[str, Any], spec: SystemSpec, victim: str, fault_wall: float, observed: float
 ) -> Phases | None:
-    """The survivors' own account of the trial (Stockade's agents write events to etcd)."""
+    """The survivors' own account of the trial (Stockade's agents write events to
+    etcd), over the ``observed`` seconds after the fault."""
     from chaos.runner import agent_events
 
     if spec.system != "stockade":
         return None
-    return failover_phases(agent_events(state, fault_wall - 1.0), victim, fault_wall)
+    return failover_phases(agent_events(state, fault_wall), victim, fault_wall, observed)
 
 
 def describe_phases(phases: Phases | None) -> str:

@@ -28,7 +28,7 @@ def test_a_failover_read_from_the_survivors_events() -> None:
         ev("vip-acquired", "fw1", "10.0.20.102 (from fw2)", 161),
         ev("failover", "fw3", "fw2: 10.0.10.102 of 1 VIPs", 150),
     ]
-    phases = failover_phases(events, "fw2", FAULT)
+    phases = failover_phases(events, "fw2", FAULT, 5.0)
     assert phases.suspected is not None and round(phases.suspected * 1000) == 103
     assert phases.revoked is not None and round(phases.revoked * 1000) == 121
     assert phases.claimed is not None and round(phases.claimed * 1000) == 161
@@ -39,6 +39,7 @@ def test_a_failover_read_from_the_survivors_events() -> None:
 def test_other_nodes_events_before_the_fault_and_junk_are_ignored() -> None:
     events = [
         ev("suspect", "fw1", "fw2 silent", -500),  # an earlier trial
+        ev("revoked", "fw1", "fw2 epoch 1", 6000),  # after the observation: the recovery
         ev("suspect", "fw1", "fw3 silent", 90),  # another node
         ev("suspect", "fw2", "fw1 silent", 95),  # the victim's own view
         ev("vip-acquired", "fw1", "10.0.10.101", 120),  # a plain placement
@@ -46,7 +47,7 @@ def test_other_nodes_events_before_the_fault_and_junk_are_ignored() -> None:
         {"kind": "suspect", "node": "fw1"},  # no detail
         {"kind": "revoked", "node": "fw1", "detail": "fw2 epoch 1", "ts": "soon"},
     ]
-    phases = failover_phases(events, "fw2", FAULT)
+    phases = failover_phases(events, "fw2", FAULT, 5.0)
     assert phases == Phases(None, None, None, 0)
     assert describe_phases(phases) == " (agents: no events)"
     assert describe_phases(None) == ""
@@ -57,7 +58,7 @@ def test_a_vip_that_moved_on_again_counts_at_its_first_acquisition() -> None:
         ev("vip-acquired", "fw3", "10.0.10.102 (from fw2)", 150),
         ev("vip-acquired", "fw1", "10.0.10.102 (from fw2)", 900),
     ]
-    phases = failover_phases(events, "fw2", FAULT)
+    phases = failover_phases(events, "fw2", FAULT, 5.0)
     assert phases.claimed is not None and round(phases.claimed * 1000) == 150
     assert phases.vips_claimed == 1
 
