@@ -362,3 +362,20 @@ def test_the_cached_wire_parses_to_the_record(msg: pb.FlowRecord, version: int) 
 def test_varint_is_protobufs(n: int) -> None:
     assert pb.FlowRecord.FromString(b"\x60" + varint(n)).version == n
     assert varint(n) == pb.FlowRecord(version=n).SerializeToString()[1:] or n == 0
+
+
+def test_records_field_is_each_record_as_a_length_delimited_field() -> None:
+    from syncd.records import field_bytes
+    from syncd.session import records_field
+    from tests.syncd_link import make_record
+
+    short = make_record(b"k" * 5, "fw1", 3)
+    long = make_record(b"k" * 64, "fw1", 1 << 60, "X" * 32)  # a wire form over 127 bytes
+    with_v = with_version(short, 9)  # a wire form with a second version field
+    records = [short, long, with_v, short]
+    assert len(record_wire(long)) >= 128
+    expected = b"".join(field_bytes(b"\x32", record_wire(r)) for r in records)
+    assert records_field(records) == expected
+    chunk = pb.SnapshotChunk.FromString(records_field(records))
+    assert [r.version for r in chunk.records] == [3, 1 << 60, 9, 3]
+    assert records_field([]) == b""
