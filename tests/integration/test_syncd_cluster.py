@@ -333,7 +333,11 @@ def test_changes_at_every_node_reach_every_other_node(cluster: Cluster) -> None:
     assert beacons["running"] and beacons["sent"] > 50
     heard = {p: b["received"] for p, b in beacons["beacons"]["peers"].items()}
     assert set(heard) == {"fw1", "fw3"} and min(heard.values()) > 50, heard
-    assert not any(beacons["beacons"]["dropped"].values()), beacons
+    # Nothing refused as forged or malformed.  A beacon that arrives before the
+    # receiver's peer set is configured (start-up, a loaded machine) is
+    # counted unknown_peer: that is not an attack.
+    refused = {k: v for k, v in beacons["beacons"]["dropped"].items() if k != "unknown_peer"}
+    assert not any(refused.values()), beacons
 
 
 def test_kill_and_restart_mid_stream_converges(cluster: Cluster) -> None:
