@@ -21,7 +21,9 @@ tested in ``tests/unit/test_agent*.py``:
 * **VIPs.**  Targets from :func:`cluster.vip.plan_vips` over the ``up``
   members, a VIP's ``home`` first when it is up; release before claim.
   Claims wait ``takeover_guard`` after the previous holder's record
-  vanished (the revoked node takes its addresses off first), and never
+  vanished (the revoked node takes its addresses off first) and until a
+  frozen holder's ARP guard ran out (``arp_guard`` after it was last
+  heard, one beacon interval of margin), and never
   take a VIP whose last holder lost its record but is still heard over
   sync: that node is cut off from etcd only and holds its VIPs fail static.
 * **Fencing.**  Lease lost (keepalive TTL 0, or our own record deleted
@@ -99,6 +101,9 @@ _HEARD_KEEP: Final = 3600.0  # forget last-heard times of departed peers after t
 # Deadlines are met a little late on purpose: suspicion and the guard
 # compare with a strict ">" (and clocks are floats): tick just past them.
 _DEADLINE_SLACK: Final = 0.0005
+# A departed holder's ARP guard may have been refreshed up to one beacon
+# interval (syncd.beacon: 10 ms) after the last beacon we heard from it.
+_ARP_GUARD_MARGIN: Final = 0.01
 
 
 # --- actions ---------------------------------------------------------------------
@@ -369,6 +374,11 @@ class Agent:
         ]
         guard = self.config.takeover_guard
         due += [at + guard + _DEADLINE_SLACK for at in self._left_at.values()]
+        due += [
+            self._arp_guard_expiry(self._last_heard[p]) + _DEADLINE_SLACK
+            for p in self._left_at
+            if p in self._last_heard
+        ]
         later = [t for t in due if t > now]
         return min(later) if later else None
 
@@ -845,7 +855,22 @@ class Agent:
         if now - self._left_at.get(last, -math.inf) < self.config.takeover_guard:
             return True
         heard = self._last_heard.get(last, -math.inf)
+        if now < self._arp_guard_expiry(heard):
+            return True  # a frozen holder's kernel may still answer ARP for it
         return now - heard <= self.window(last)  # cut off from etcd only: fail static there
+
+    def _arp_guard_expiry(self, last_heard: float) -> float:
+        """When a holder last heard at ``last_heard`` surely stopped answering ARP.
+
+        A frozen node keeps its addresses, and its kernel answers ARP for
+        them until its guard's keepalive (``arp_guard`` after the agent's
+        last frame, ``cluster.arpguard``) runs out: claiming before that
+        would leave two nodes answering for the VIP.  Every node of a
+        cluster runs with the same ``arp_guard``.
+        """
+        if not self.config.arp_guard:
+            return -math.inf
+        return last_heard + self.config.arp_guard + _ARP_GUARD_MARGIN
 
     def _drain_progress(self, now: float) -> list[Action]:
         if self.state is not NodeState.DRAINING or self._drain_started is None:

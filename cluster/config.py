@@ -121,10 +121,11 @@ class AgentConfig:
     # ARP dead-man switch (cluster.arpguard): seconds after the agent's last
     # keepalive frame (sent every arp_guard / 5) at which this node's kernel
     # stops sending ARP for the VIPs: a frozen agent stops speaking for them.
-    # About when the peers take the VIPs over (suspicion 0.1 s + takeover):
-    # longer leaves two nodes answering for a while, shorter pauses ARP on a
-    # live node whose loop stalls that long (harmless while routers' entries
-    # are fresh; their probes are retried).  0: off.
+    # The peers take a departed holder's VIPs over no sooner than this (plus
+    # one beacon interval) after they last heard it, so a frozen holder never
+    # answers ARP beside the taker: longer slows every failover, shorter
+    # pauses ARP on a live node whose loop stalls that long (harmless while
+    # routers' entries are fresh; their probes are retried).  0: off.
     arp_guard: float = 0.15
 
     def __post_init__(self) -> None:

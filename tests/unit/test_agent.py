@@ -490,6 +490,21 @@ def test_a_taker_that_did_not_revoke_claims_after_the_guard_without_a_new_listin
     assert acts.index(of(acts, ClaimVip)[0]) < acts.index(of(acts, RefreshHolders)[0])
 
 
+def test_a_frozen_holders_vip_waits_until_its_arp_guard_ran_out() -> None:
+    # fw2 froze right after its last beacon (1.0): its kernel answers ARP for
+    # its VIPs until the guard's keepalive runs out (arp_guard after its last
+    # frame, which may follow that beacon by one beacon interval).
+    agent = up_agent("fw1", ("fw1", "fw2"))
+    agent.heard("fw2", 1.0)
+    agent.etcd_result(True, 1.0)
+    agent.holders_listed({"10.9.0.2": "fw2"}, 1.0)
+    agent.member_event(MemberDeleted("fw2", next(_rev)), 1.005)  # revoked at once
+    expiry = 1.0 + agent.config.arp_guard + 0.01
+    assert agent.next_deadline(1.155) == pytest.approx(expiry, abs=0.001)
+    assert "10.9.0.2" not in {a.vip for a in of(agent.tick(expiry - 0.002), ClaimVip)}
+    assert "10.9.0.2" in {a.vip for a in of(agent.tick(expiry + 0.001), ClaimVip)}
+
+
 def test_a_listing_from_before_the_departure_does_not_bring_its_claims_back() -> None:
     agent = up_agent("fw1", ("fw1", "fw2"))
     agent.heard("fw2", 0.9)
