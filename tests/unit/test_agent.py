@@ -473,14 +473,21 @@ def test_takeover_waits_for_the_guard_after_the_holder_left() -> None:
     assert "10.9.0.2" in {a.vip for a in of(agent.tick(1.2 + guard + 0.005), ClaimVip)}
 
 
+def after_holder_left(heard: float, left: float) -> Agent:
+    """fw1 of fw1+fw2; fw2 held 10.9.0.2, was last heard at ``heard`` and its
+    record vanished at ``left`` (revoked by someone, seen in the watch)."""
+    agent = up_agent("fw1", ("fw1", "fw2"))
+    agent.heard("fw2", heard)
+    agent.etcd_result(True, 1.0)
+    agent.holders_listed({"10.9.0.2": "fw2"}, 1.0)
+    agent.member_event(MemberDeleted("fw2", next(_rev)), left)
+    return agent
+
+
 def test_a_taker_that_did_not_revoke_claims_after_the_guard_without_a_new_listing() -> None:
     # fw3 revoked fw2; fw1 learns it from the watch only.  fw2's claims went
     # with its lease, so fw1 must not wait for its next periodic listing.
-    agent = up_agent("fw1", ("fw1", "fw2"))
-    agent.heard("fw2", 0.9)
-    agent.etcd_result(True, 1.0)
-    agent.holders_listed({"10.9.0.2": "fw2"}, 1.0)
-    agent.member_event(MemberDeleted("fw2", next(_rev)), 1.05)
+    agent = after_holder_left(heard=0.9, left=1.05)
     guard = agent.config.takeover_guard
     acts = agent.tick(1.05 + guard + 0.001)
     assert "10.9.0.2" in {a.vip for a in of(acts, ClaimVip)}
@@ -494,11 +501,7 @@ def test_a_frozen_holders_vip_waits_until_its_arp_guard_ran_out() -> None:
     # fw2 froze right after its last beacon (1.0): its kernel answers ARP for
     # its VIPs until the guard's keepalive runs out (arp_guard after its last
     # frame, which may follow that beacon by one beacon interval).
-    agent = up_agent("fw1", ("fw1", "fw2"))
-    agent.heard("fw2", 1.0)
-    agent.etcd_result(True, 1.0)
-    agent.holders_listed({"10.9.0.2": "fw2"}, 1.0)
-    agent.member_event(MemberDeleted("fw2", next(_rev)), 1.005)  # revoked at once
+    agent = after_holder_left(heard=1.0, left=1.005)  # revoked at once
     expiry = 1.0 + agent.config.arp_guard + 0.01
     assert agent.next_deadline(1.155) == pytest.approx(expiry, abs=0.001)
     assert "10.9.0.2" not in {a.vip for a in of(agent.tick(expiry - 0.002), ClaimVip)}
@@ -506,11 +509,7 @@ def test_a_frozen_holders_vip_waits_until_its_arp_guard_ran_out() -> None:
 
 
 def test_a_listing_from_before_the_departure_does_not_bring_its_claims_back() -> None:
-    agent = up_agent("fw1", ("fw1", "fw2"))
-    agent.heard("fw2", 0.9)
-    agent.etcd_result(True, 1.0)
-    agent.holders_listed({"10.9.0.2": "fw2"}, 1.0)
-    agent.member_event(MemberDeleted("fw2", next(_rev)), 1.05)
+    agent = after_holder_left(heard=0.9, left=1.05)
     agent.holders_listed({"10.9.0.2": "fw2"}, 1.06)  # it left before the revocation
     guard = agent.config.takeover_guard
     assert "10.9.0.2" in {a.vip for a in of(agent.tick(1.05 + guard + 0.001), ClaimVip)}
