@@ -90,6 +90,12 @@ class SyncView(Protocol):
         our membership ``epoch`` (beacon notices; never called without beacons)."""
         ...
 
+    def on_beacon_round(self, hook: Callable[[], None] | None) -> bool:
+        """Call ``hook()`` from the beacon thread after each round of our beacons
+        (sent only while this process's loop runs, within its stall limit);
+        False: no beacons, the hook is never called."""
+        ...
+
     def set_own_epoch(self, epoch: int) -> None:
         """Our membership epoch: the one notices must name to count."""
         ...
@@ -179,6 +185,12 @@ class AgentRunner:
             self._guard = ArpGuard(list(self._managers), vips, self.config.arp_guard)
             await self._guard.install()
             self._guard.keepalive()
+            # ARP for our VIPs lives as long as our peers hear us: a loop busy
+            # for 150 ms (a SYN flood's deltas) must not silence ARP while the
+            # peers, still hearing our beacons, leave the VIPs with us.  A
+            # frozen process stops both at once; a hung loop stops the beacons
+            # after the stall limit, and this with them.
+            self.sync.on_beacon_round(self._guard.keepalive)
         self._loop = asyncio.get_running_loop()
         self.sync.on_revoked(self._revoked_in_thread)
 
@@ -305,6 +317,7 @@ class AgentRunner:
     async def close(self, leave: bool = True) -> None:
         """Stop the tasks, take our VIPs down and give the lease back (``leave``)."""
         self.sync.on_revoked(None)
+        self.sync.on_beacon_round(None)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

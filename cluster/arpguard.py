@@ -19,7 +19,10 @@ of every VIP interface::
 
 The agent sends one frame of the local experimental ethertype 0x88b5
 (IEEE 802) on each VIP interface every T/5 from its event loop (T:
-``cluster.arp_guard``, 0.15 s)
+``cluster.arp_guard``, 0.15 s), and after every round of syncd's liveness
+beacons from the beacon thread, which sends only while the loop ran within
+its stall limit (``syncd.beacon_io``): ARP for the VIPs lives as long as the
+peers hear the node, so a loop busy for a moment does not silence it
 (:meth:`ArpGuard.keepalive`); the first rule refreshes the interface's
 element in the ``alive`` set (and drops the frame: it never leaves the
 host); the second drops every ARP packet (replies, requests, gratuitous)
@@ -28,7 +31,8 @@ fourth does the same for IPv6 neighbour discovery: Linux sends the
 neighbour advertisement answering a solicitation for one of its addresses
 from that address (``ndisc_send_na``: source = the solicited target when
 it is ours), so an NA or NS whose source is a VIP speaks for the VIP.  A frozen
-agent sends no keepalive: within T its kernel no longer speaks for the VIPs,
+agent (a stopped process, or a loop stuck past the stall limit) sends no
+keepalive: within T its kernel no longer speaks for the VIPs,
 while addresses, routes and forwarding stay as they are.  When the agent
 runs again, its first keepalive re-opens ARP, and it fences (addresses off)
 on the stall it measured, as before.
@@ -177,15 +181,15 @@ class ArpGuard:
         self._sockets = tuple(opened)
 
     def keepalive(self) -> None:
-        """One frame per interface: the agent's loop is running (never raises).
+        """One frame per interface: the agent is running (never raises; thread-safe).
 
         Nothing is sent while the guard is shut (:meth:`shut`).
         """
         if self._reasons:
             return
-        for sock, frame, _ in self._sockets:
-            if self._send(sock, frame):
-                self._keepalives += 1
+        sent = sum(self._send(sock, frame) for sock, frame, _ in self._sockets)
+        with self._lock:  # the beacon thread and the event loop both call this
+            self._keepalives += sent
         if self._reasons:
             # shut() ran in another thread between the check above and the
             # sends: ours may have re-opened ARP after its frame.  Close again.

@@ -69,6 +69,12 @@ class _View:
         if self.node.beacons is not None:
             self.node.beacons.on_revoked(hook)
 
+    def on_beacon_round(self, hook: Callable[[], None] | None) -> bool:
+        if self.node.beacons is None:
+            return False
+        self.node.beacons.on_round(hook)
+        return True
+
     def set_own_epoch(self, epoch: int) -> None:
         if self.node.beacons is not None:
             self.node.beacons.set_own_epoch(epoch)

@@ -117,6 +117,7 @@ class BeaconService:
         self._peers: dict[str, tuple[str, int] | None] = {}
         self._last_alive = -math.inf
         self._on_revoked: Callable[[str, int], None] | None = None
+        self._on_round: Callable[[], None] | None = None
         self._own_epoch = 0  # our cluster epoch (membership incarnation); 0: none yet
         # peer -> (its cluster epoch we revoked, its address when we learnt it)
         self._notices: dict[str, tuple[int, tuple[str, int] | None]] = {}
@@ -211,6 +212,14 @@ class BeaconService:
         says it revoked our current cluster epoch (once per epoch).  The hook
         must be quick and thread-safe; an exception from it is a thread error."""
         self._on_revoked = hook
+
+    def on_round(self, hook: Callable[[], None] | None) -> None:
+        """Call ``hook()`` from the beacon thread after every round that sent our
+        beacons (the owner's loop ran within ``alive_within``).  Whatever the
+        hook keeps alive lives exactly as long as our peers keep hearing us: the
+        agent refreshes its ARP guard here (``cluster.arpguard``).  The hook must
+        be quick and thread-safe; an exception from it is a thread error."""
+        self._on_round = hook
 
     def set_own_epoch(self, epoch: int) -> None:
         """Our current cluster epoch: notices naming it fire ``on_revoked`` (0: none)."""
@@ -367,6 +376,9 @@ class BeaconService:
             self._rounds += 1
             self._sent += sent
             self._send_errors.update(errors)
+        hook = self._on_round
+        if hook is not None:
+            hook()
 
     def _thread_error(self) -> None:
         with self._lock:

@@ -151,6 +151,24 @@ def test_a_stuck_owner_loop_suppresses_sending_until_it_runs_again(trio: Trio) -
     assert trio.services["fw3"].statistics().suppressed - suppressed < ALIVE_WITHIN / 0.01 + 10
 
 
+def test_the_round_hook_runs_while_beacons_go_out_and_stops_with_them(trio: Trio) -> None:
+    # The agent keeps its ARP guard open from this hook: it must live exactly
+    # as long as the peers hear us.
+    rounds: list[float] = []
+    trio.services["fw3"].on_round(lambda: rounds.append(time.monotonic()))
+    wait_for("rounds", lambda: len(rounds) > 10)
+    trio.alive.discard("fw3")
+    stuck_at = time.monotonic()
+    wait_for("fw1 stops hearing fw3", lambda: not trio.is_fresh("fw1", "fw3"), ALIVE_WITHIN + SOON)
+    assert rounds[-1] - stuck_at < ALIVE_WITHIN + 0.2  # stopped with the beacons
+    quiet = len(rounds)
+    time.sleep(0.1)
+    assert len(rounds) == quiet
+    trio.alive.add("fw3")
+    wait_for("rounds again", lambda: len(rounds) > quiet)
+    trio.services["fw3"].on_round(None)
+
+
 def test_a_revocation_notice_reaches_only_its_peer_and_fires_once_per_epoch(trio: Trio) -> None:
     fired: list[tuple[str, str, int]] = []
     for name, service in trio.services.items():
