@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -42,6 +43,20 @@ async def _until(check: Callable[[], bool], timeout: float, what: str) -> None:
         await asyncio.sleep(0.02)
 
 
+def _pair(tmp: str, **extra: Any) -> tuple[SyncNode, SyncNode]:
+    """fwa and fwb, peers of each other on loopback (plaintext), not started."""
+    ports = {"fwa": _port(), "fwb": _port()}
+    nodes = {}
+    for n, other in (("fwa", "fwb"), ("fwb", "fwa")):
+        config = SyncdConfig(
+            node_id=n, cluster_id="ae", state_dir=f"{tmp}/{n}", local_socket=f"{tmp}/{n}.sock",
+            listen=f"127.0.0.1:{ports[n]}", insecure=True, recovery_timeout=0.5,
+            peers=(PeerConfig(other, f"127.0.0.1:{ports[other]}"),), **extra,
+        )  # fmt: skip
+        nodes[n] = SyncNode(config, 1, None)
+    return nodes["fwa"], nodes["fwb"]
+
+
 def _held(node: SyncNode, origin: str) -> dict[bytes, int]:
     return {r.key: r.version for r in node.store.records(origin)}
 
@@ -51,17 +66,7 @@ def test_one_round_repairs_both_sides(tmp_path) -> None:
 
 
 async def _scenario(tmp: str) -> None:
-    ports = {"fwa": _port(), "fwb": _port()}
-    nodes = {}
-    for n, other in (("fwa", "fwb"), ("fwb", "fwa")):
-        config = SyncdConfig(
-            node_id=n, cluster_id="ae", state_dir=f"{tmp}/{n}", local_socket=f"{tmp}/{n}.sock",
-            listen=f"127.0.0.1:{ports[n]}", insecure=True, recovery_timeout=0.5,
-            peers=(PeerConfig(other, f"127.0.0.1:{ports[other]}"),),
-            session=SessionConfig(cluster_id="ae"),
-        )  # fmt: skip
-        nodes[n] = SyncNode(config, 1, None)
-    a, b = nodes["fwa"], nodes["fwb"]
+    a, b = _pair(tmp, session=SessionConfig(cluster_id="ae"))
     for node in (a, b):  # every round hashes the stores afresh
         node.anti_entropy.config = AntiEntropyConfig(digest_max_age=0)
     try:
@@ -112,16 +117,7 @@ def test_metrics_endpoint_shows_lag_and_counters(tmp_path) -> None:
 async def _metrics_scenario(tmp: str) -> None:
     from syncd.metrics import MetricsConfig, start_metrics
 
-    ports = {"fwa": _port(), "fwb": _port()}
-    nodes = {}
-    for n, other in (("fwa", "fwb"), ("fwb", "fwa")):
-        config = SyncdConfig(
-            node_id=n, cluster_id="ae", state_dir=f"{tmp}/{n}", local_socket=f"{tmp}/{n}.sock",
-            listen=f"127.0.0.1:{ports[n]}", insecure=True, recovery_timeout=0.5,
-            peers=(PeerConfig(other, f"127.0.0.1:{ports[other]}"),),
-        )  # fmt: skip
-        nodes[n] = SyncNode(config, 1, None)
-    a, b = nodes["fwa"], nodes["fwb"]
+    a, b = _pair(tmp)
     server = None
     try:
         await asyncio.gather(a.start(), b.start())
@@ -164,16 +160,7 @@ async def _busy_scenario(tmp: str) -> None:
     from syncd._pb.stockade.sync.v1 import sync_pb2_grpc as rpc
     from syncd.aerun import _Abandoned
 
-    ports = {"fwa": _port(), "fwb": _port()}
-    nodes = {}
-    for n, other in (("fwa", "fwb"), ("fwb", "fwa")):
-        config = SyncdConfig(
-            node_id=n, cluster_id="ae", state_dir=f"{tmp}/{n}", local_socket=f"{tmp}/{n}.sock",
-            listen=f"127.0.0.1:{ports[n]}", insecure=True, recovery_timeout=0.5,
-            peers=(PeerConfig(other, f"127.0.0.1:{ports[other]}"),),
-        )  # fmt: skip
-        nodes[n] = SyncNode(config, 1, None)
-    a, b = nodes["fwa"], nodes["fwb"]
+    a, b = _pair(tmp)
     try:
         await asyncio.gather(a.start(), b.start())
         await _until(lambda: a.links["fwb"].state is State.LIVE, 10, "stream up")

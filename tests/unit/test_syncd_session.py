@@ -115,6 +115,18 @@ def emit(node: SimNode, key: int, now: float = 0.0, delete: bool = False) -> Non
     node.emit(bytes([ord(node.node_id), key]), now, delete)
 
 
+def pulling_duo(flows: int) -> Duo:
+    """a holds ``flows`` flows; b has its Hello and pulls them in pages of 2
+    (its first snapshot request is in its outbox)."""
+    duo = Duo(SessionConfig(cluster_id=CLUSTER, snapshot_page=2))
+    for k in range(flows):
+        emit(duo.nodes["a"], k)
+    duo.start()
+    duo.deliver("a", duo.out("b"))
+    duo.deliver("b", duo.out("a"))
+    return duo
+
+
 def delta(seq: int, key: int = 1, origin: str = "a") -> Delta:
     return Delta(Op.CREATE, origin, seq, make_record(bytes([key]), origin, seq))
 
@@ -469,14 +481,8 @@ def test_resync_notice_is_repeated_until_acked() -> None:
 
 def test_page_retry_timer_follows_the_measured_round_trip() -> None:
     """Pages slower than resend_after are not asked for twice (RFC 6298 estimator)."""
-    config = SessionConfig(cluster_id=CLUSTER, snapshot_page=2)
-    duo = Duo(config)
-    for k in range(7):
-        emit(duo.nodes["a"], k)
-    duo.start()
-    duo.deliver("a", duo.out("b"))
-    duo.deliver("b", duo.out("a"))  # b: SYNCING, its first request goes out
-    slow = 0.75 * config.resend_after  # each reply takes this long to be taken
+    duo = pulling_duo(7)  # b: SYNCING, its first request goes out
+    slow = 0.75 * duo.config.resend_after  # each reply takes this long to be taken
     for _ in range(2):  # two samples of `slow`: the timer is now beyond resend_after
         duo.deliver("a", duo.out("b"))
         duo.advance(slow)
@@ -484,7 +490,7 @@ def test_page_retry_timer_follows_the_measured_round_trip() -> None:
         duo.b.apply_pending(duo.now)
     duo.deliver("a", duo.out("b"))  # the third request
     reply = duo.out("a")
-    duo.advance(1.5 * config.resend_after)  # slower still, but within SRTT + 4 RTTVAR
+    duo.advance(1.5 * duo.config.resend_after)  # slower still, but within SRTT + 4 RTTVAR
     assert "snapshot_request" not in kinds(duo.out("b"))  # no retry
     duo.deliver("b", reply)
     assert duo.b.statistics().stale_dropped == 0
@@ -495,13 +501,7 @@ def test_page_retry_timer_follows_the_measured_round_trip() -> None:
 
 
 def test_multi_page_snapshot_and_stale_pages() -> None:
-    config = SessionConfig(cluster_id=CLUSTER, snapshot_page=2)
-    duo = Duo(config)
-    for k in range(5):
-        emit(duo.nodes["a"], k)
-    duo.start()
-    duo.deliver("a", duo.out("b"))
-    duo.deliver("b", duo.out("a"))  # b: SYNCING, its request goes out
+    duo = pulling_duo(5)  # b: SYNCING, its request goes out
     request = duo.out("b")
     assert "snapshot_request" in kinds(request)
     duo.deliver("a", request)
@@ -522,13 +522,7 @@ def test_multi_page_snapshot_and_stale_pages() -> None:
 
 
 def test_a_reply_from_before_a_pull_restarted_is_ignored() -> None:
-    config = SessionConfig(cluster_id=CLUSTER, snapshot_page=2)
-    duo = Duo(config)
-    for k in range(5):
-        emit(duo.nodes["a"], k)
-    duo.start()
-    duo.deliver("a", duo.out("b"))
-    duo.deliver("b", duo.out("a"))  # b: SYNCING, its request goes out
+    duo = pulling_duo(5)  # b: SYNCING, its request goes out
     duo.deliver("a", duo.out("b"))
     old = [m for m in duo.out("a") if m.HasField("snapshot_chunk")]
     duo.b.request_resync(duo.now)  # the pull restarts (a new sweep) before the reply arrives
@@ -538,18 +532,11 @@ def test_a_reply_from_before_a_pull_restarted_is_ignored() -> None:
     duo.exchange()
     assert duo.state("b") is State.LIVE
     assert duo.nodes["b"].replicas_of("a") == duo.nodes["a"].own_flows()
-    assert duo.nodes["b"].replicas_of("a") == duo.nodes["a"].own_flows()
 
 
 def test_a_sender_that_ignores_the_order_field_is_pulled_in_key_order() -> None:
     """An older peer answers in ORDER_KEY (order 0): the pull keeps to it to the end."""
-    config = SessionConfig(cluster_id=CLUSTER, snapshot_page=2)
-    duo = Duo(config)
-    for k in range(7):
-        emit(duo.nodes["a"], k)
-    duo.start()
-    duo.deliver("a", duo.out("b"))
-    duo.deliver("b", duo.out("a"))  # b: SYNCING, its first request goes out
+    duo = pulling_duo(7)  # b: SYNCING, its first request goes out
     for _ in range(10):
         requests = [m for m in duo.out("b") if m.HasField("snapshot_request")]
         if not requests:
@@ -569,13 +556,7 @@ def test_a_sender_that_ignores_the_order_field_is_pulled_in_key_order() -> None:
 
 
 def test_a_page_in_another_order_than_the_pull_is_refused() -> None:
-    config = SessionConfig(cluster_id=CLUSTER, snapshot_page=2)
-    duo = Duo(config)
-    for k in range(7):
-        emit(duo.nodes["a"], k)
-    duo.start()
-    duo.deliver("a", duo.out("b"))
-    duo.deliver("b", duo.out("a"))
+    duo = pulling_duo(7)
     duo.deliver("a", duo.out("b"))
     first = [m for m in duo.out("a") if m.HasField("snapshot_chunk")]
     assert [m.snapshot_chunk.order for m in first] == [ORDER_BUCKET]
