@@ -145,6 +145,15 @@ class _Tombstone:
     expires_at: float
 
 
+def _index_fresh(keys: KeyIndex | None, fresh: list[bytes]) -> None:
+    """Add the new keys gathered by ``upsert_many`` to their origin's index, and
+    forget them (before anything else may read or change that index)."""
+    if fresh:
+        assert keys is not None
+        keys.add_many(fresh)
+        fresh.clear()
+
+
 class ReplicaStore:
     """All flows a node knows of, keyed by flow key; see the module docstring."""
 
@@ -243,10 +252,7 @@ class ReplicaStore:
         for record in records:
             key = record.key
             if record.origin != origin:
-                if fresh_keys:
-                    assert keys is not None
-                    keys.add_many(fresh_keys)
-                    fresh_keys = []
+                _index_fresh(keys, fresh_keys)
                 origin = record.origin
                 sweep = sweeps.get(origin)
                 keys = self._by_origin.get(origin)
@@ -274,18 +280,13 @@ class ReplicaStore:
                 append(change)
                 fresh += 1
                 continue
-            if fresh_keys:
-                assert keys is not None
-                keys.add_many(fresh_keys)
-                fresh_keys = []
+            _index_fresh(keys, fresh_keys)
             outcome, done = upsert(record, live.get(key), now)
             counts[outcome] += 1
             if done is not None:
                 append(done)
             origin = None  # the slow path may have changed the per-origin state
-        if fresh_keys:
-            assert keys is not None
-            keys.add_many(fresh_keys)
+        _index_fresh(keys, fresh_keys)
         counts[_APPLIED] += fresh
         for outcome, n in counts.items():
             self._counts[_COUNTER[outcome]] += n
