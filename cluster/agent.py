@@ -945,12 +945,11 @@ class Agent:
         listing, which made a taker that did not revoke the peer itself claim
         up to 250 ms late.  The claim transaction still decides (create only
         if absent), and ``_held_elsewhere`` keeps the takeover guard and the
-        fail-static rule; a listing follows to confirm the view.
+        fail-static rule; a listing follows to confirm the view (``_changes``
+        asks for one after any membership change).
         """
         if self._holders is not None and peer in self._holders.values():
             self._holders = {v: h for v, h in self._holders.items() if h != peer}
-        # A listing in flight may predate the departure: list again after it.
-        self._holders_at = -math.inf
 
     def _peers_changed(self, now: float) -> list[Action]:
         members = self.membership.members()

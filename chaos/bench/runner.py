@@ -343,9 +343,8 @@ def describe_phases(phases: Phases | None) -> str:
     """`` (agents: suspected +102, revoked +121, claimed +158 ms)`` or nothing."""
     if phases is None:
         return ""
-    steps = [("suspected", phases.suspected), ("revoked", phases.revoked)]
-    steps.append(("claimed", phases.claimed))
-    text = ", ".join(f"{name} +{v * 1000:.0f}" for name, v in steps if v is not None)
+    steps = {"suspected": phases.suspected, "revoked": phases.revoked, "claimed": phases.claimed}
+    text = ", ".join(f"{name} +{v * 1000:.0f}" for name, v in steps.items() if v is not None)
     return f" (agents: {text} ms)" if text else " (agents: no events)"
 
 
