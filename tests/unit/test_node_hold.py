@@ -170,3 +170,49 @@ def test_hold_metrics_include_a_latency_histogram():
     assert 'stockade_hold_release_latency_seconds_bucket{le="0.003",node="fw2"} 0.0' in text
     assert 'stockade_hold_release_latency_seconds_bucket{le="0.005",node="fw2"} 1.0' in text
     assert 'stockade_hold_release_latency_seconds_count{node="fw2"} 1.0' in text
+
+
+def test_bucket_quantile_interpolates_inside_the_bucket_that_holds_the_rank():
+    from node.hold import bucket_quantile
+
+    bounds = (1.0, 2.0, 4.0)
+    # 10 in (0, 1], 10 in (1, 2], none in (2, 4], none above.
+    assert bucket_quantile(bounds, (10, 10, 0, 0), 0.5) == 1.0
+    assert bucket_quantile(bounds, (10, 10, 0, 0), 0.75) == 1.5
+    assert bucket_quantile(bounds, (10, 10, 0, 0), 0.25) == 0.5
+    # An empty bucket in between is skipped, not interpolated into.
+    assert bucket_quantile(bounds, (1, 0, 1, 0), 1.0) == 4.0
+    assert bucket_quantile(bounds, (0, 0, 0, 0), 0.5) is None
+
+
+def test_bucket_quantile_in_the_overflow_bucket_is_the_highest_bound():
+    from node.hold import bucket_quantile
+
+    assert bucket_quantile((1.0, 2.0), (1, 0, 99), 0.99) == 2.0
+
+
+def test_bucket_quantile_refuses_a_shape_that_does_not_match():
+    import pytest
+
+    from node.hold import bucket_quantile
+
+    with pytest.raises(ValueError, match="want bounds"):
+        bucket_quantile((1.0, 2.0), (1, 2), 0.5)
+    with pytest.raises(ValueError, match="not in"):
+        bucket_quantile((1.0,), (1, 2), 1.5)
+
+
+def test_release_waits_land_in_buckets_a_quantile_can_be_read_from():
+    from node.hold import bucket_quantile
+
+    hold: HoldQueue = HoldQueue(HoldConfig())
+    for i, wait_ms in enumerate((1.2, 1.4, 3.5, 3.6, 3.7, 3.8, 3.9, 7.0, 9.0, 60.0)):
+        key = b"k%d" % i
+        hold.hold(key, "p", 10.0)
+        hold.release(key, 10.0 + wait_ms / 1000)
+    s = hold.statistics()
+    assert sum(s.latency_counts) == 10
+    p50 = bucket_quantile(s.latency_bounds_ms, s.latency_counts, 0.5)
+    assert p50 is not None and 3.0 < p50 <= 4.0
+    p99 = bucket_quantile(s.latency_bounds_ms, s.latency_counts, 0.99)
+    assert p99 is not None and 50.0 < p99 <= 75.0
