@@ -197,12 +197,9 @@ def _settings(s: BenchSettings) -> dict[str, Any]:
 
 def add_parser(sub: SubParsers) -> None:
     """Register ``stockade bench failover`` under the ``bench`` command (node.bench's)."""
-    bench = sub.choices.get("bench")
-    if bench is None:
-        bench = sub.add_parser("bench", help="performance benchmarks")
-    actions = [a for a in bench._actions if isinstance(a, argparse._SubParsersAction)]
-    bench_sub = actions[0] if actions else bench.add_subparsers(dest="bench_command", required=True)
-    p = bench_sub.add_parser(
+    from chaos.bench import bench_subcommands
+
+    p = bench_subcommands(sub).add_parser(
         "failover", help="failover latency: Stockade vs keepalived+conntrackd (namespace lab)"
     )
     p.add_argument("--trials", type=int, default=20, help="trials per system (default 20)")

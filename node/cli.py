@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     for module in (
         "node.bench",
         "chaos.bench_failover",
+        "chaos.bench_asymmetric",
         "chaos.demo",
         "syncd.cli",
         "chaos.cli",
