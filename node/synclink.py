@@ -34,7 +34,10 @@ The conversation follows the contract in ``syncd/local.py``; why each part:
   ``retry_max`` (reset after a session that lasted ``retry_max``).
 * **Out.**  This node's changes in ``LocalBatch`` frames of up to
   ``batch_max`` deltas, sent at most ``batch_delay`` after the first one was
-  queued.  ``ReplicaDeleted`` is never sent (no echo; see
+  queued.  A change on a link that sent nothing for ``batch_delay`` goes at
+  once (Nagle's rule, as syncd's peer streams do): on an asymmetric path a
+  peer holds the reply packet until this delta arrives, so waiting to fill
+  a batch that will not fill is pure added delay.  ``ReplicaDeleted`` is never sent (no echo; see
   ``node.flow.replica``).  syncd re-versions what it receives; our version
   is a lower bound.
 * **In.**  ``ReplicaBatch`` updates are installed / removed with version
@@ -200,6 +203,7 @@ class SyncLink:
         table.set_local_origin(node_id)
         self._queue: deque[_Item] = deque()
         self._inflight: list[_Item] = []  # in the frame being written
+        self._last_frame_at = float("-inf")  # loop time of the last frame sent (Nagle)
         self._resend: deque[bytes] = deque()  # own flows a round found unconfirmed
         self._wake = asyncio.Event()
         self._synced = asyncio.Event()
@@ -374,6 +378,11 @@ class SyncLink:
     async def _send_frame(self, writer: asyncio.StreamWriter, frame: local_pb2.LocalFrame) -> None:
         await write_frame(writer, frame)
         self._n["frames_sent"] += 1
+        self._last_frame_at = self._loop_time()
+
+    @staticmethod
+    def _loop_time() -> float:
+        return asyncio.get_running_loop().time()
 
     # --- receiving --------------------------------------------------------------
 
@@ -484,14 +493,24 @@ class SyncLink:
             while not (self._queue or self._resend or self._round_due()):
                 self._wake.clear()
                 await self._wake.wait()
-            if self._queue and len(self._queue) < cfg.batch_max and not self._round_due():
-                await asyncio.sleep(cfg.batch_delay)  # let a batch gather
+            if self._queue and self._gather_first():
+                await asyncio.sleep(cfg.batch_delay)  # busy link: let a batch gather
             # Queued changes go before a TableRequest: syncd's table then has them.
             await self._send_queued(writer)
             if self._round_due():
                 await self._begin_round(writer)
             if self._resend:
                 await self._resend_slice(writer)
+
+    def _gather_first(self) -> bool:
+        """Wait ``batch_delay`` for company: only when a frame left within it
+        (Nagle's rule), the batch is not full and no round is waiting."""
+        cfg = self._config
+        return (
+            len(self._queue) < cfg.batch_max
+            and not self._round_due()
+            and self._loop_time() - self._last_frame_at < cfg.batch_delay
+        )
 
     def _round_due(self) -> bool:
         return self._round_wanted and not self._round_active

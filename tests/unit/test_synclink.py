@@ -262,6 +262,32 @@ def test_local_changes_are_batched_into_local_batches(tmp_path):
     run(scenario, tmp_path)
 
 
+def test_a_change_on_an_idle_link_goes_at_once_and_a_busy_link_gathers_a_batch(tmp_path):
+    async def scenario(path: str) -> None:
+        syncd = await FakeSyncd(path).start()
+        e = engine()
+        link = link_for(e, path, fast(batch_delay=0.4))
+        await link.start()
+        await asyncio.wait_for(link.wait_synced(), 3.0)
+        await asyncio.sleep(0.45)  # the hello and the first round's frames are history
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        new_flows(e, link, 40000, 1)
+        await until(lambda: len(syncd.deltas()) == 1)
+        assert loop.time() - t0 < 0.3  # not held back for batch_delay
+        t1 = loop.time()
+        new_flows(e, link, 40001, 1)  # the link just sent: this one waits for company
+        await asyncio.sleep(0.05)
+        new_flows(e, link, 40002, 2)
+        await until(lambda: len(syncd.deltas()) == 4)
+        assert loop.time() - t1 >= 0.35
+        batches = [len(f.local.deltas) for f in syncd.frames if f.HasField("local")]
+        assert batches == [1, 3]
+        await stopped(link, syncd)
+
+    run(scenario, tmp_path)
+
+
 def test_replica_deletions_are_not_sent(tmp_path):
     async def scenario(path: str) -> None:
         syncd = await FakeSyncd(path).start()
