@@ -473,10 +473,10 @@ def test_takeover_waits_for_the_guard_after_the_holder_left() -> None:
     assert "10.9.0.2" in {a.vip for a in of(agent.tick(1.2 + guard + 0.005), ClaimVip)}
 
 
-def after_holder_left(heard: float, left: float) -> Agent:
+def after_holder_left(heard: float, left: float, config: AgentConfig = CONFIG) -> Agent:
     """fw1 of fw1+fw2; fw2 held 10.9.0.2, was last heard at ``heard`` and its
     record vanished at ``left`` (revoked by someone, seen in the watch)."""
-    agent = up_agent("fw1", ("fw1", "fw2"))
+    agent = up_agent("fw1", ("fw1", "fw2"), config)
     agent.heard("fw2", heard)
     agent.etcd_result(True, 1.0)
     agent.holders_listed({"10.9.0.2": "fw2"}, 1.0)
@@ -501,9 +501,12 @@ def test_a_frozen_holders_vip_waits_until_its_arp_guard_ran_out() -> None:
     # fw2 froze right after its last beacon (1.0): its kernel answers ARP for
     # its VIPs until the guard's keepalive runs out (arp_guard after its last
     # frame, which may follow that beacon by one beacon interval).
-    agent = after_holder_left(heard=1.0, left=1.005)  # revoked at once
+    # A guard longer than the suspicion window (SUSPECT), which would let
+    # the claim go first otherwise.
+    config = replace(CONFIG, arp_guard=SUSPECT + 0.05)
+    agent = after_holder_left(heard=1.0, left=1.005, config=config)  # revoked at once
     expiry = 1.0 + agent.config.arp_guard + 0.01
-    assert agent.next_deadline(1.155) == pytest.approx(expiry, abs=0.001)
+    assert agent.next_deadline(expiry - 0.004) == pytest.approx(expiry, abs=0.001)
     assert "10.9.0.2" not in {a.vip for a in of(agent.tick(expiry - 0.002), ClaimVip)}
     assert "10.9.0.2" in {a.vip for a in of(agent.tick(expiry + 0.001), ClaimVip)}
 
