@@ -19,7 +19,14 @@ running:
   docs/syncd.md).  Run syncd yourself (``supervise: false``) to keep it
   alive across filter crashes.
 * **Stop.**  :meth:`Supervisor.stop` sends SIGTERM, waits ``stop_timeout``,
-  then SIGKILL; no restart follows.
+  then SIGKILL; no restart follows.  A child started while stopping gets
+  its SIGTERM as soon as it exists.
+* **Signals by pidfd.**  ``Popen.send_signal`` polls first, i.e. it reaps
+  a child that has just exited, racing asyncio's child watcher thread,
+  which then reports exit status 255 ("Unknown child process"); and a plain
+  ``kill(pid)`` after the watcher reaped could hit a recycled pid.  Signals
+  go through a pidfd opened at start (``pidfd_open(2)``, Linux 5.3): it
+  names this very process, exited or not, and never reaps.
 * **Output.**  Each line the child writes (stdout and stderr) goes to
   ``out`` prefixed with ``[<name>]``; a line starting with ``ready_prefix``
   marks the child ready (syncd prints it once it serves).
@@ -72,6 +79,14 @@ def _die_with_parent(parent: int) -> Callable[[], None]:
     return setup
 
 
+def _pidfd_open(pid: int) -> int | None:
+    """A pidfd for ``pid``; None when it was already reaped (it exited at once)."""
+    try:
+        return os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+
+
 class Supervisor:
     """Keeps one child process running; see the module docstring."""
 
@@ -97,6 +112,7 @@ class Supervisor:
         self._stop_timeout = stop_timeout
         self._clock = clock
         self._proc: asyncio.subprocess.Process | None = None
+        self._pidfd: int | None = None  # names self._proc for signals
         self._task: asyncio.Task[None] | None = None
         self._ready = False
         self._starts = 0
@@ -119,16 +135,14 @@ class Supervisor:
         task, self._task = self._task, None
         proc = self._proc
         if proc is not None and proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
+            self._signal(proc, signal.SIGTERM)
             try:
                 async with asyncio.timeout(self._stop_timeout):
                     await proc.wait()
             except TimeoutError:
                 log.warning("%s did not stop within %.1f s: killing it", self.name,
                             self._stop_timeout)  # fmt: skip
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
+                self._signal(proc, signal.SIGKILL)
                 await proc.wait()
         if task is not None:
             # The run task forwards the child's last lines, then returns.
@@ -191,9 +205,11 @@ class Supervisor:
             self._last_exit, self._last_exit_at = None, self._clock()
             log.error("cannot start %s: %s", self.name, e)
             return
-        self._proc = proc
+        self._proc, self._pidfd = proc, _pidfd_open(proc.pid)
         self._starts += 1
         log.info("started %s (pid %d)", self.name, proc.pid)
+        if self._stopping.is_set():  # stop() began while we were starting it
+            self._signal(proc, signal.SIGTERM)
         assert proc.stdout is not None and proc.stderr is not None
         pipes = [
             asyncio.create_task(self._forward(proc.stdout)),
@@ -210,11 +226,20 @@ class Supervisor:
             await asyncio.gather(*pipes, return_exceptions=True)
         self._exited(proc)
 
+    def _signal(self, proc: asyncio.subprocess.Process, sig: int) -> None:
+        if self._proc is not proc or self._pidfd is None:
+            return  # gone before we could name it: nothing to signal
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self._pidfd, sig)
+
     def _exited(self, proc: asyncio.subprocess.Process) -> None:
         if self._proc is proc:
             self._last_exit, self._last_exit_at = proc.returncode, self._clock()
             self._proc = None
             self._ready = False
+            if self._pidfd is not None:
+                os.close(self._pidfd)
+                self._pidfd = None
 
     async def _forward(self, stream: asyncio.StreamReader) -> None:
         while True:

@@ -49,6 +49,38 @@ def test_a_child_that_exits_is_restarted_with_its_output_prefixed():
     asyncio.run(run())
 
 
+class _SlowReaper(asyncio.ThreadedChildWatcher):
+    """asyncio's default watcher, reaping each child 0.5 s after it was started:
+    widens the window in which an exited child is a zombie nobody reaped yet."""
+
+    def _do_waitpid(self, loop, expected_pid, callback, args):  # type: ignore[no-untyped-def]
+        time.sleep(0.5)
+        super()._do_waitpid(loop, expected_pid, callback, args)
+
+
+def test_stop_right_after_the_child_exited_reports_its_real_status():
+    # Popen.send_signal polls first: it reaps a child that just exited, and
+    # the watcher thread then reports status 255 ("Unknown child process").
+    # Seen in CI as last_exit 255.  Signals go through a pidfd instead.
+    async def run() -> None:
+        out = io.StringIO()
+        sup = supervisor(EXIT_SOON, out)
+        await sup.start()
+        deadline = time.monotonic() + 10
+        while "[child x] oops" not in out.getvalue() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # it has exited; the slow watcher has not reaped it
+        await sup.stop()
+        assert sup.statistics().last_exit == 3
+
+    watcher = _SlowReaper()
+    asyncio.set_child_watcher(watcher)
+    try:
+        asyncio.run(run())
+    finally:
+        asyncio.set_child_watcher(None)
+
+
 def test_stop_sends_sigterm_and_no_restart_follows():
     async def run() -> None:
         out = io.StringIO()
