@@ -19,7 +19,7 @@ of every VIP interface::
 
 The agent sends one frame of the local experimental ethertype 0x88b5
 (IEEE 802) on each VIP interface every T/5 from its event loop (T:
-``cluster.arp_guard``, 0.1 s), and after every round of syncd's liveness
+``cluster.arp_guard``, 0.15 s), and after every round of syncd's liveness
 beacons from the beacon thread, which sends only while the loop ran within
 its stall limit (``syncd.beacon_io``): ARP for the VIPs lives as long as the
 peers hear the node, so a loop busy for a moment does not silence it

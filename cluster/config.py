@@ -126,10 +126,7 @@ class AgentConfig:
     # answers ARP beside the taker: longer slows every failover, shorter
     # pauses ARP on a live node whose loop stalls that long (harmless while
     # routers' entries are fresh; their probes are retried).  0: off.
-    # 0.1 s, the suspicion window: syncd's beacon thread refreshes the guard
-    # after every beacon round (10 ms), so ARP pauses only when the peers
-    # stop hearing the node too.
-    arp_guard: float = 0.1
+    arp_guard: float = 0.15
 
     def __post_init__(self) -> None:
         seen: set[str] = set()
