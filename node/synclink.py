@@ -37,8 +37,8 @@ The conversation follows the contract in ``syncd/local.py``; why each part:
   queued.  A change on a link that sent nothing for ``batch_delay`` goes at
   once (Nagle's rule, as syncd's peer streams do): on an asymmetric path a
   peer holds the reply packet until this delta arrives, so waiting to fill
-  a batch that will not fill is pure added delay.  ``ReplicaDeleted`` is never sent (no echo; see
-  ``node.flow.replica``).  syncd re-versions what it receives; our version
+  a batch that will not fill is pure added delay.  ``ReplicaDeleted`` is
+  never sent (no echo; see ``node.flow.replica``).  syncd re-versions what it receives; our version
   is a lower bound.
 * **In.**  ``ReplicaBatch`` updates are installed / removed with version
   ordering (:func:`syncd.convert.apply_change`); every version seen feeds
