@@ -51,7 +51,7 @@ class AsymSettings:
     nodes: int = 3
     ecmp_flows: int = 256  # 0: do not measure the crossing fraction
     lab_name: str = "abench"
-    base: str = "10.239"
+    base: str = "10.237"
 
     def __post_init__(self) -> None:
         if self.repeat < 1 or self.seconds <= 0 or self.warmup < 0:
@@ -140,7 +140,10 @@ def one_run(repeat: int, routing: str, s: AsymSettings, log: Callable[[str], Non
         before = _holds(state)
         traffic = _traffic(state, s, s.seconds)
         after = _holds(state)
-        hold = merge_holds(HoldDelta.between(before[n], after[n]) for n in before if n in after)
+        try:
+            hold = merge_holds(HoldDelta.between(before[n], after[n]) for n in before if n in after)
+        except ValueError as e:  # a filter restarted during the run: its counters are not ours
+            raise ChaosError(f"hold queue counters: {e}") from e
     finally:
         lab.down()
     churn = traffic.get("churn", {})
@@ -240,5 +243,5 @@ def add_parser(sub: SubParsers) -> None:
         help="UDP flows to measure the crossing fraction with (0: skip)",
     )  # fmt: skip
     p.add_argument("--lab-name", default=d.lab_name, help="lab name (default abench)")
-    p.add_argument("--base", default=d.base, help="lab address base (default 10.239)")
+    p.add_argument("--base", default=d.base, help="lab address base (default 10.237)")
     p.set_defaults(handler=run)
