@@ -64,7 +64,8 @@ def test_latency_histogram_and_flush():
     s = q.statistics()
     assert s.latency_bounds_ms == LATENCY_BOUNDS_MS
     counts = dict(zip((*LATENCY_BOUNDS_MS, "inf"), s.latency_counts, strict=True))
-    assert (counts[0.25], counts[3.0], counts[5.0], counts["inf"]) == (1, 1, 2, 1)
+    # Upper bounds are inclusive (2.5 ms lands in le=2.5), as Prometheus' le.
+    assert (counts[0.25], counts[2.5], counts[4.0], counts[5.0], counts["inf"]) == (1, 1, 1, 1, 1)
     assert s.latency_sum_ms == pytest.approx(161.1, abs=0.01)
     assert s.latency_max_ms == pytest.approx(150.0, abs=0.01)
     q.hold(A, "x", 11.0)
