@@ -179,6 +179,11 @@ class SessionConfig:
     batch_max: int = 1024
     # Seconds after the oldest unsent delta was queued before a flush.
     batch_delay: float = 0.005
+    # Batches sent at once, without batch_delay, while fewer than this many
+    # are unacked (Nagle's rule allowed 1: at 1k deltas/s every delta sent
+    # within a round trip of the previous one waited for its ack, so the
+    # round trip's tail became the latency's).  Further deltas gather.
+    eager_batches: int = 4
     # Seconds without sending anything before a heartbeat is sent.
     heartbeat_interval: float = 0.05
     # Seconds without hearing anything before the peer is reported SUSPECT.
@@ -217,6 +222,8 @@ class SessionConfig:
             raise ConfigError(f"max_in_flight must be 1..16777216, not {self.max_in_flight}")
         if not 0 <= self.batch_delay <= 1:
             raise ConfigError(f"batch_delay must be 0..1 s, not {self.batch_delay}")
+        if not 1 <= self.eager_batches <= 1024:
+            raise ConfigError(f"eager_batches must be 1..1024, not {self.eager_batches}")
         if not 0 < self.heartbeat_interval < self.suspect_after < self.dead_after <= 3600:
             raise ConfigError("need 0 < heartbeat_interval < suspect_after < dead_after <= 3600")
         if not 0 < self.resend_after <= 60 or not 0 <= self.full_resync_holdoff <= 3600:
@@ -563,6 +570,7 @@ class PeerSession:
         self._notified_upto = 0  # highest lost_upto told to the peer
         self._notice_due = False
         self._rewound_for = -1  # ack seq a gap ack already rewound to
+        self._flights: deque[int] = deque()  # last seq of each batch sent and not acked
         self._last_heard = 0.0
         self._last_sent = 0.0
         self._now = 0.0  # latest time seen, returned by next_deadline when work is queued
@@ -1172,13 +1180,23 @@ class PeerSession:
     def _flush_now(self) -> bool:
         """Send unsent deltas without waiting for batch_delay?
 
-        When a batch is full, or when nothing is in flight (Nagle's rule, RFC
-        896): an idle link sends a lone delta at once, a busy one gathers
+        When a batch is full, or when fewer than ``eager_batches`` batches
+        are in flight (Nagle's rule, RFC 896, with a few small segments
+        allowed): a quiet link sends a lone delta at once, a busy one gathers
         deltas while it waits for acks.  Waiting the full delay on an idle
-        link made a delta's median latency 1.5 ms, two thirds of it this wait.
+        link made a delta's median latency 1.5 ms, two thirds of it this wait;
+        waiting for the one batch in flight made the ack's tail the delta's.
         """
         outbox = self._outbox
-        return outbox.unsent >= self.config.batch_max or outbox.sent_unacked == 0
+        if outbox.unsent >= self.config.batch_max:
+            return True
+        flights = self._flights
+        done = max(outbox.acked, outbox.lost_upto)
+        while flights and flights[0] <= done:
+            flights.popleft()  # acked (or lost: a snapshot covers it)
+        while flights and flights[-1] >= outbox.next_send:
+            flights.pop()  # rewound: it will be sent again
+        return len(flights) < self.config.eager_batches
 
     def _batches(self, now: float) -> list[pb.Envelope]:
         outbox = self._outbox
@@ -1196,6 +1214,7 @@ class PeerSession:
             room -= len(deltas)
             batch = head + b"".join([field_bytes(b"\x1a", delta_wire(d)) for d in deltas])
             out.append(pb.Envelope.FromString(field_bytes(b"\x12", batch)))  # Envelope.batch
+            self._flights.append(deltas[-1].seq)
         self._counts["batches_sent"] += len(out)
         return out
 

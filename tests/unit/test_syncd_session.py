@@ -381,7 +381,7 @@ def test_receive_before_start_is_misuse_and_after_close_is_dropped() -> None:
 
 
 def test_batch_waits_for_delay_or_size() -> None:
-    config = SessionConfig(cluster_id=CLUSTER, batch_max=3, batch_delay=0.001)
+    config = SessionConfig(cluster_id=CLUSTER, batch_max=3, batch_delay=0.001, eager_batches=1)
     duo = Duo(config)
     duo.live()
     emit(duo.nodes["a"], 1, duo.now)
@@ -398,6 +398,26 @@ def test_batch_waits_for_delay_or_size() -> None:
     sent = duo.out("a")  # 7 unsent >= batch_max: flush at once, in batches of 3
     assert [len(m.batch.deltas) for m in sent] == [3, 3, 1]
     assert [d.seq for m in sent for d in m.batch.deltas] == list(range(3, 10))
+
+
+def test_a_few_batches_go_at_once_before_deltas_gather() -> None:
+    config = SessionConfig(cluster_id=CLUSTER, batch_max=8, batch_delay=0.001, eager_batches=2)
+    duo = Duo(config)
+    duo.live()
+    for k in (1, 2):  # fewer than eager_batches in flight: each goes at once
+        emit(duo.nodes["a"], k, duo.now)
+        assert [[d.seq for d in m.batch.deltas] for m in duo.out("a")] == [[k]]
+    emit(duo.nodes["a"], 3, duo.now)  # two batches unacked: this one waits
+    emit(duo.nodes["a"], 4, duo.now)
+    assert duo.out("a") == []
+    assert duo.a.next_deadline() == pytest.approx(duo.now + 0.001)
+    ack = pb.Envelope(ack=pb.Ack(origin="a", epoch=duo.nodes["a"].outboxes["b"].epoch, seq=1))
+    duo.a.receive(ack, duo.now)  # the first batch acked: one more may go, with both waiting
+    assert [[d.seq for d in m.batch.deltas] for m in duo.out("a")] == [[3, 4]]
+    duo.nodes["a"].outboxes["b"].rewind(2)  # resent from 2: neither counts as in flight
+    assert [[d.seq for d in m.batch.deltas] for m in duo.out("a")] == [[2, 3, 4]]
+    emit(duo.nodes["a"], 5, duo.now)
+    assert [[d.seq for d in m.batch.deltas] for m in duo.out("a")] == [[5]]
 
 
 def test_acks_trim_the_outbox() -> None:
@@ -950,6 +970,7 @@ def test_statistics_are_frozen_snapshots() -> None:
         {"snapshot_page": 0},
         {"max_pending_pages": 0},
         {"batch_delay": -1.0},
+        {"eager_batches": 0},
         {"heartbeat_interval": 0.2, "suspect_after": 0.1},
         {"suspect_after": 3.0, "dead_after": 2.0},
         {"resend_after": 0.0},
