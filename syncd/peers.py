@@ -257,12 +257,59 @@ class PeerStats:
     timer_spins: int  # passes that found their deadline still due (slept MIN_SLEEP)
 
 
+class Wake:
+    """An :class:`asyncio.Event` for one waiter whose timed wait creates no task.
+
+    The pump waits on it after every pass, for each delta at low rates:
+    ``asyncio.wait_for(event.wait(), delay)`` wraps the wait in a new task
+    each time (Python 3.11), a few scheduling rounds of the loop that every
+    delta paid for.  Here a wait is one future and one timer handle.
+    """
+
+    __slots__ = ("_set", "_waiter")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def set(self) -> None:
+        self._set = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._set = False
+
+    def is_set(self) -> bool:
+        return self._set
+
+    async def wait(self, timeout: float | None = None) -> None:
+        """Until :meth:`set` (at once if it is set) or ``timeout`` seconds passed."""
+        if self._set:
+            return
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = None if timeout is None else loop.call_later(timeout, _expire, waiter)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class _Stream:
     """Book-keeping of one running stream."""
 
     def __init__(self, session: PeerSession) -> None:
         self.session = session
-        self.wake = asyncio.Event()
+        self.wake = Wake()
         self.done = asyncio.Event()
         self.end: StreamEnd | None = None
 
@@ -457,8 +504,7 @@ class PeerLink:
             if delay is not None and delay <= 0:
                 self._spins += 1
                 delay = MIN_SLEEP
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stream.wake.wait(), delay)
+            await stream.wake.wait(delay)
 
     async def _write(
         self, stream: _Stream, transport: Transport, envelopes: list[pb.Envelope]

@@ -18,7 +18,7 @@ from syncd._pb.stockade.sync.v1 import sync_pb2 as pb
 from syncd.client import Backoff, page_records
 from syncd.errors import BadMessage, Misuse
 from syncd.keyindex import ORDER_BUCKET, position
-from syncd.peers import EndReason, LocalOrigin, PeerLink, StreamEnd
+from syncd.peers import EndReason, LocalOrigin, PeerLink, StreamEnd, Wake
 from syncd.records import Op, record_to_pb
 from syncd.replica import Change, ChangeKind, ReplicaConfig, ReplicaStore
 from syncd.session import SessionConfig, State
@@ -456,3 +456,26 @@ def test_snapshot_request_retries_back_off_until_a_reply_arrives() -> None:
     gaps = [later - earlier for earlier, later in itertools.pairwise(requests)]
     # The first wait is 1 s (no round trip measured yet, RFC 6298 s2.1), then doubles.
     assert gaps == pytest.approx([1.0, 2.0, 4.0], abs=0.011)
+
+
+def test_wake_returns_when_set_or_after_its_timeout() -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        wake = Wake()
+        start = loop.time()
+        await wake.wait(0.02)  # nobody sets it: the timeout ends the wait
+        assert loop.time() - start >= 0.015 and not wake.is_set()
+        loop.call_later(0.01, wake.set)
+        start = loop.time()
+        await wake.wait(5.0)  # set before the timeout: returns then
+        assert loop.time() - start < 1.0 and wake.is_set()
+        await wake.wait()  # already set: at once, until cleared
+        wake.clear()
+        assert not wake.is_set()
+        waiter = asyncio.ensure_future(wake.wait())
+        await asyncio.sleep(0.01)
+        assert not waiter.done()  # no timeout: waits for set() only
+        wake.set()
+        await asyncio.wait_for(waiter, 1.0)
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
