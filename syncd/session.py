@@ -184,6 +184,13 @@ class SessionConfig:
     # within a round trip of the previous one waited for its ack, so the
     # round trip's tail became the latency's).  Further deltas gather.
     eager_batches: int = 4
+    # Batches received before their ack goes at once; an ack for fewer waits
+    # up to ack_delay seconds (TCP's delayed ACK, RFC 9293 s3.8.6.3).  Each
+    # gRPC message costs both loops more than the deltas in it: at 1k
+    # deltas/s one ack per batch was half the messages of a stream.  Keep it
+    # at most eager_batches, or the sender waits for the delayed acks.
+    ack_every: int = 2
+    ack_delay: float = 0.001
     # Seconds without sending anything before a heartbeat is sent.
     heartbeat_interval: float = 0.05
     # Seconds without hearing anything before the peer is reported SUSPECT.
@@ -224,6 +231,8 @@ class SessionConfig:
             raise ConfigError(f"batch_delay must be 0..1 s, not {self.batch_delay}")
         if not 1 <= self.eager_batches <= 1024:
             raise ConfigError(f"eager_batches must be 1..1024, not {self.eager_batches}")
+        if not 1 <= self.ack_every <= 1024 or not 0 <= self.ack_delay <= 0.1:
+            raise ConfigError("ack_every must be 1..1024, ack_delay 0..0.1 s")
         if not 0 < self.heartbeat_interval < self.suspect_after < self.dead_after <= 3600:
             raise ConfigError("need 0 < heartbeat_interval < suspect_after < dead_after <= 3600")
         if not 0 < self.resend_after <= 60 or not 0 <= self.full_resync_holdoff <= 3600:
@@ -567,6 +576,8 @@ class PeerSession:
         self._control: deque[pb.Envelope] = deque()  # hello, requests, pages
         self._ack_due = False
         self._gap_ack = False
+        self._unacked_batches = 0  # batches received since our last ack
+        self._ack_at: float | None = None  # a delayed ack is due then
         self._notified_upto = 0  # highest lost_upto told to the peer
         self._notice_due = False
         self._rewound_for = -1  # ack seq a gap ack already rewound to
@@ -736,8 +747,12 @@ class PeerSession:
         self._now = max(self._now, now)
         out = list(self._control)
         self._control.clear()
+        if self._ack_at is not None and now >= self._ack_at:
+            self._ack_due = True
         if self._ack_due and self._peer_epoch:
             out.append(pb.Envelope(ack=self._ack()))
+            self._unacked_batches = 0
+            self._ack_at = None
         self._ack_due = self._gap_ack = False
         if self._peer_epoch:
             out += self._resync_notice()
@@ -772,7 +787,7 @@ class PeerSession:
             times.append(self._request_at + self._request_wait)
         if self._hello_at is not None:
             times.append(self._hello_at + self.config.resend_after)
-        times += [t for t in (self._rto_at, self._full_resync_at) if t is not None]
+        times += [t for t in (self._rto_at, self._full_resync_at, self._ack_at) if t is not None]
         return min(times)
 
     def statistics(self) -> SessionStats:
@@ -795,6 +810,7 @@ class PeerSession:
         self._state = transition(old, event)
         if self._state is State.CLOSED:
             self._rto_at = self._request_at = self._full_resync_at = self._hello_at = None
+            self._ack_at = None
             self._control.clear()
         if self._state is not old:
             actions.append(StateChanged(old, self._state, event))
@@ -905,7 +921,11 @@ class PeerSession:
         fresh, gap = self._inbox.accept(deltas)
         changes = [self._apply(d.op, d.record, now) for d in fresh]
         self._report(changes, actions, tuple([d.created for d in fresh if d.created]))
-        self._ack_due = True
+        self._unacked_batches += 1
+        if gap or len(fresh) < len(deltas) or self._unacked_batches >= self.config.ack_every:
+            self._ack_due = True  # a hole or a repeat: the sender needs to know at once
+        elif self._ack_at is None:
+            self._ack_at = now + self.config.ack_delay
         self._gap_ack = self._gap_ack or gap
 
     def _on_ack(self, msg: pb.Envelope, now: float, actions: list[Action]) -> None:

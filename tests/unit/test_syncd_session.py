@@ -420,6 +420,27 @@ def test_a_few_batches_go_at_once_before_deltas_gather() -> None:
     assert [[d.seq for d in m.batch.deltas] for m in duo.out("a")] == [[5]]
 
 
+def test_acks_wait_for_a_second_batch_or_ack_delay_but_not_after_a_repeat() -> None:
+    config = SessionConfig(cluster_id=CLUSTER, ack_every=2, ack_delay=0.001)
+    duo = Duo(config)
+    duo.live()
+    emit(duo.nodes["a"], 1, duo.now)
+    first = duo.out("a")
+    duo.deliver("b", first)
+    assert duo.out("b") == []  # one batch: the ack is delayed
+    assert duo.b.next_deadline() == pytest.approx(duo.now + 0.001)
+    emit(duo.nodes["a"], 2, duo.now)
+    duo.deliver("b", duo.out("a"))
+    assert [m.ack.seq for m in duo.out("b")] == [2]  # the second batch: at once
+    emit(duo.nodes["a"], 3, duo.now)
+    duo.deliver("b", duo.out("a"))
+    assert duo.out("b") == []
+    duo.now += 0.001
+    assert [m.ack.seq for m in duo.out("b")] == [3]  # ack_delay passed
+    duo.deliver("b", first)  # a repeat (the sender did not see our ack): at once
+    assert [m.ack.seq for m in duo.out("b")] == [3]
+
+
 def test_acks_trim_the_outbox() -> None:
     duo = Duo()
     duo.live()
@@ -428,6 +449,9 @@ def test_acks_trim_the_outbox() -> None:
     duo.now += 0.01
     duo.exchange()
     outbox = duo.nodes["a"].outboxes["b"]
+    assert outbox.acked == 0  # one batch: its ack waits ack_delay for another
+    duo.now += CFG.ack_delay
+    duo.exchange()
     assert outbox.acked == outbox.last_seq == 4 and outbox.statistics().held == 0
     assert duo.a.next_deadline() != duo.now
 
@@ -971,6 +995,8 @@ def test_statistics_are_frozen_snapshots() -> None:
         {"max_pending_pages": 0},
         {"batch_delay": -1.0},
         {"eager_batches": 0},
+        {"ack_every": 0},
+        {"ack_delay": 0.5},
         {"heartbeat_interval": 0.2, "suspect_after": 0.1},
         {"suspect_after": 3.0, "dead_after": 2.0},
         {"resend_after": 0.0},
