@@ -159,6 +159,25 @@ class KeyIndex:
             del self._buckets[b]
         return True
 
+    def keys_from(self, first: int, limit: int) -> tuple[list[bytes], int]:
+        """The keys of whole buckets from bucket ``first`` on, until at least
+        ``limit`` (or the last bucket); and the bucket to go on from
+        (``BUCKETS``: none left).
+
+        A walk over the buckets in such steps sees each key at most once and
+        every key held throughout the walk exactly once, whatever is added
+        or removed between two steps: a reader can let other work run there.
+        """
+        out: list[bytes] = []
+        buckets = self._buckets
+        b = max(first, 0)
+        while b < BUCKETS and len(out) < limit:
+            bucket = buckets.get(b)
+            if bucket:
+                out += bucket
+            b += 1
+        return out, b
+
     def page(self, after: bytes, limit: int) -> tuple[list[bytes], bytes, bool]:
         """Up to ``limit`` keys positioned after ``after`` (b"": from the start), in order.
 

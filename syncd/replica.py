@@ -48,7 +48,7 @@ from enum import StrEnum
 from typing import Final
 
 from syncd.errors import ConfigError, Misuse
-from syncd.keyindex import ORDER_BUCKET, ORDER_KEY, ORDERS, KeyIndex
+from syncd.keyindex import BUCKETS, ORDER_BUCKET, ORDER_KEY, ORDERS, KeyIndex
 from syncd.records import FlowRecord, Op
 
 __all__ = [
@@ -195,6 +195,27 @@ class ReplicaStore:
         if origin is None:
             return (rep.record for rep in self._live.values())
         return (self._live[key].record for key in self._by_origin.get(origin, ()))
+
+    def record_slices(self, origin: str, size: int) -> Iterator[list[FlowRecord]]:
+        """The origin's live records, about ``size`` at a time, each slice read
+        when the iteration reaches it (not one copy of them all up front).
+
+        The caller may let the loop run between two slices while the store
+        changes: a record is in at most one slice, and every record held
+        (with this origin) from the first slice to the last is in one.
+        Anti-entropy reads an origin this way: a whole list of 1M records
+        stalled the loop for 0.5-1 s per call.
+        """
+        index = self._by_origin.get(origin)
+        if index is None or size < 1:
+            return
+        live, bucket = self._live, 0
+        while bucket < BUCKETS:
+            keys, bucket = index.keys_from(bucket, size)
+            out = [rep.record for key in keys if (rep := live.get(key)) is not None]
+            out = [r for r in out if r.origin == origin]  # taken over since: not its own now
+            if out:
+                yield out
 
     def count(self, origin: str) -> int:
         """Live records of ``origin`` (O(1))."""

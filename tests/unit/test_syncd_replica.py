@@ -324,3 +324,31 @@ def test_count_per_origin_follows_the_live_records() -> None:
     assert (s.count("a"), s.count("b"), s.count("c")) == (2, 1, 0)
     s.apply(Op.DELETE, rec(1, 2, "a"), 0.0)
     assert s.count("a") == sum(1 for _ in s.records("a")) == 1
+
+
+def test_record_slices_read_each_record_once_while_the_store_changes() -> None:
+    def big(key: int, version: int, origin: str = "a") -> FlowRecord:
+        return make_record(key.to_bytes(4, "big"), origin, version)
+
+    s = store(capacity=10_000)
+    for k in range(1000):
+        s.apply(Op.CREATE, big(k, 1), 0.0)
+        s.apply(Op.CREATE, big(10_000 + k, 1, origin="b"), 0.0)
+    assert sorted(r.key for part in s.record_slices("a", 100) for r in part) == sorted(
+        r.key for r in s.records("a")
+    )
+    seen: list[bytes] = []
+    sizes: list[int] = []
+    for k, part in enumerate(s.record_slices("a", 100)):
+        sizes.append(len(part))
+        seen += [r.key for r in part]
+        # Between two slices: deletes, creates and a takeover by b.
+        s.apply(Op.DELETE, big(2 * k, 2), 0.0)
+        s.apply(Op.CREATE, big(5000 + k, 1), 0.0)
+        s.apply(Op.UPDATE, big(2 * k + 1, 5, origin="b"), 0.0)
+    assert len(seen) == len(set(seen))  # never twice
+    assert all(r.origin == "a" for part in s.record_slices("a", 100) for r in part)
+    held = {r.key for r in s.records("a")} & {big(k, 1).key for k in range(1000)}
+    assert held <= set(seen)  # every record held throughout the walk was read
+    assert len(sizes) > 1 and max(sizes) < 200  # slices of about 100: whole buckets
+    assert list(s.record_slices("c", 100)) == []
