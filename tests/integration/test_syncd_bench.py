@@ -74,6 +74,22 @@ def thread_cpu(d: Daemon) -> dict[str, float]:
     return out
 
 
+def sched_seconds(d: Daemon) -> tuple[float, float]:
+    """(on a CPU, runnable but waiting for one) seconds, all threads of a syncd so far.
+
+    From /proc/<pid>/task/<tid>/schedstat (ns).  The wait is what a busy
+    shared machine adds to every stage of a delta's way, whatever syncd does.
+    """
+    assert d.proc is not None
+    ran = waited = 0
+    task = f"/proc/{d.proc.pid}/task"
+    for tid in os.listdir(task):
+        with open(f"{task}/{tid}/schedstat", encoding="ascii") as f:
+            fields = f.read().split()
+        ran, waited = ran + int(fields[0]), waited + int(fields[1])
+    return ran / 1e9, waited / 1e9
+
+
 def cpu_used(c: Cluster, before: dict[str, float]) -> dict[str, float]:
     return {n: round(cpu_seconds(c[n]) - t, 2) for n, t in before.items()}
 
@@ -224,6 +240,7 @@ def latency_run(nodes: int, rate: int, seconds: float, per_frame: int = 1) -> di
             for i in range(0, count, per_frame)
         ]  # fmt: skip
         sent_at = [0.0] * count
+        sched = {n: sched_seconds(c[n]) for n in ids}
         start = time.monotonic()
         for n, frame in enumerate(frames):
             first = n * per_frame
@@ -236,7 +253,13 @@ def latency_run(nodes: int, rate: int, seconds: float, per_frame: int = 1) -> di
         wanted = {r.key: i for i, r in enumerate(recs)}
         for n in ids[1:]:
             poll(lambda n=n: c[n].stats()["local"]["replica_updates"] >= count, 60, "all")
-        results: dict[str, Any] = {}
+        results: dict[str, Any] = {
+            "syncd cpu / cpu-wait s": {
+                n: [round(b - a, 2) for a, b in zip(sched[n], sched_seconds(c[n]), strict=True)]
+                for n in ids
+            },
+            "load": round(os.getloadavg()[0], 2),
+        }
         for n, (_, conn) in zip(ids[1:], procs, strict=True):
             conn.send("stop")
             arrivals = conn.recv()
