@@ -59,7 +59,7 @@ from syncd.config import (
 from syncd.errors import ConfigError, SyncError
 from syncd.keyindex import ORDER_KEY
 from syncd.local import LocalDeltas, LocalServer
-from syncd.peers import LocalOrigin, PeerLink, tune_gc
+from syncd.peers import GcPause, LocalOrigin, PeerLink, tune_gc
 from syncd.records import FlowRecord
 from syncd.replica import Change, ReplicaStore
 from syncd.service import StateSyncService, dials, make_server
@@ -100,6 +100,8 @@ class SyncNode:
         self.store = ReplicaStore(config.store)
         self.origin = LocalOrigin(config.node_id, epoch, self.store)
         self.links: dict[str, PeerLink] = {}
+        # No collector passes while a snapshot of a peer is pulled (syncd.peers.GcPause).
+        self.gc_pause = GcPause()
         self.peers: dict[str, PeerConfig] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._dialers: dict[str, tuple[Dialer, asyncio.Task[None]]] = {}
@@ -227,7 +229,7 @@ class SyncNode:
             if peer not in self.links:
                 self.links[peer] = PeerLink(
                     peer, self.origin, self.config.session, self.config.outbox_capacity,
-                    self.replica_changes,
+                    self.replica_changes, gc_pause=self.gc_pause,
                 )  # fmt: skip
                 self.store.origin_joined(peer)
             if peer not in self._channels or self.peers[peer].address != pc.address:
@@ -385,6 +387,7 @@ class SyncNode:
             "service": self.service.statistics(),
             "local": self.local.statistics(),
             "loop": {"lag_max_seconds": self._lag_max, "lags_over_100ms": self._lag_over_100ms},
+            "gc": {"paused": self.gc_pause.held, "pauses": self.gc_pause.pauses},
             "anti_entropy": self.anti_entropy.statistics(),  # H2
             "beacons": self.beacons.statistics() if self.beacons is not None else None,
         }

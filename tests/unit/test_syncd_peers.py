@@ -8,6 +8,7 @@ short SessionConfig values, so each test takes well under a second.
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -18,8 +19,8 @@ from syncd._pb.stockade.sync.v1 import sync_pb2 as pb
 from syncd.client import Backoff, page_records
 from syncd.errors import BadMessage, Misuse
 from syncd.keyindex import ORDER_BUCKET, position
-from syncd.peers import EndReason, LocalOrigin, PeerLink, StreamEnd, Wake
-from syncd.records import Op, record_to_pb
+from syncd.peers import EndReason, GcPause, LocalOrigin, PeerLink, StreamEnd, Wake
+from syncd.records import FlowRecord, Op, record_to_pb
 from syncd.replica import Change, ChangeKind, ReplicaConfig, ReplicaStore
 from syncd.session import SessionConfig, State
 from tests.syncd_link import CLUSTER, make_record
@@ -67,12 +68,28 @@ def pipe() -> tuple[PipeEnd, PipeEnd]:
     return PipeEnd(b_to_a, a_to_b), PipeEnd(a_to_b, b_to_a)
 
 
+class SpyStore(ReplicaStore):
+    """Notes whether the collector was on at each page applied."""
+
+    gc_on: list[bool]
+
+    def upsert_many(self, records: list[FlowRecord], now: float) -> tuple[list[Change], int]:
+        self.gc_on.append(gc.isenabled())
+        return super().upsert_many(records, now)
+
+
 class Node:
-    def __init__(self, node_id: str, peer: str, epoch: int = 1, capacity: int = 64) -> None:
-        self.store = ReplicaStore()
+    def __init__(
+        self, node_id: str, peer: str, epoch: int = 1, capacity: int = 64,
+        gc_pause: GcPause | None = None,
+    ) -> None:  # fmt: skip
+        self.store = SpyStore()
+        self.store.gc_on = []
         self.origin = LocalOrigin(node_id, epoch, self.store)
         self.forwarded: list[Change] = []
-        self.link = PeerLink(peer, self.origin, FAST, capacity, self.forwarded.extend)
+        self.link = PeerLink(
+            peer, self.origin, FAST, capacity, self.forwarded.extend, gc_pause=gc_pause
+        )
 
     def emit(self, key: bytes, op: Op = Op.CREATE, now: float = 0.0) -> None:
         delta = self.origin.change(op, make_record(key, self.origin.node_id, 1), now)
@@ -479,3 +496,52 @@ def test_wake_returns_when_set_or_after_its_timeout() -> None:
         await asyncio.wait_for(waiter, 1.0)
 
     asyncio.run(asyncio.wait_for(scenario(), 10))
+
+
+def test_the_collector_is_off_while_a_snapshot_is_pulled_and_on_again_after() -> None:
+    async def scenario() -> None:
+        pause = GcPause()
+        a, b = Node("a", "b"), Node("b", "a", gc_pause=pause)
+        for i in range(5):
+            a.emit(b"a%d" % i)
+        ta, tb = pipe()
+        runs = [asyncio.create_task(a.link.run(ta)), asyncio.create_task(b.link.run(tb))]
+        await until(lambda: b.link.state is State.LIVE and len(list(b.store.records("a"))) == 5)
+        assert b.store.gc_on == [False] and pause.pauses == 1  # the page: collector off
+        assert gc.isenabled() and not pause.held  # on again once LIVE
+        a.emit(b"a-late")
+        await until(lambda: b.store.get(b"a-late") is not None)
+        assert gc.isenabled() and not pause.held
+        a.link.stop("test over")
+        await runs[0]
+        ta.close()
+        await runs[1]
+        assert gc.isenabled() and pause.pauses == 1
+
+    assert gc.isenabled()
+    try:
+        run(scenario)
+        assert gc.get_freeze_count() > 0  # what the pull allocated is never traversed again
+    finally:
+        gc.unfreeze()
+
+
+def test_gc_pause_nests_and_restores_what_it_found() -> None:
+    assert gc.isenabled()
+    pause = GcPause()
+    try:
+        pause.hold()
+        pause.hold()
+        pause.release()
+        assert not gc.isenabled() and pause.held
+        pause.release()
+        assert gc.isenabled() and not pause.held and pause.pauses == 1
+        with pytest.raises(Misuse):
+            pause.release()
+        gc.disable()  # someone else turned it off: a pause leaves it off
+        pause.hold()
+        pause.release()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+        gc.unfreeze()
