@@ -28,51 +28,25 @@ from __future__ import annotations
 
 import bisect
 from collections import OrderedDict, deque
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Generic, TypeVar
 
 from node.config import HoldConfig
 
-__all__ = ["LATENCY_BOUNDS_MS", "Held", "HoldQueue", "HoldStats", "bucket_quantile"]
+__all__ = ["LATENCY_BOUNDS_MS", "Held", "HoldQueue", "HoldStats"]
 
 T = TypeVar("T")
 
 # Upper bounds (milliseconds) of the release-latency histogram buckets; the
 # last bucket is everything above.  Replication takes about 1.5-5 ms on a
 # LAN (docs/syncd.md), the default timeout is 100 ms.  Fine enough that a
-# p50/p99 read off the buckets (:func:`bucket_quantile`) is within a
+# p50/p99 read off the buckets (:func:`node.histogram.bucket_quantile`) is within a
 # quarter of its value: the added delay of asymmetric routing is reported
 # from these (docs/asymmetric.md).
 LATENCY_BOUNDS_MS: Final = (
     0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0,
     12.5, 15.0, 20.0, 25.0, 30.0, 40.0, 50.0, 75.0, 100.0,
 )  # fmt: skip
-
-
-def bucket_quantile(bounds: Sequence[float], counts: Sequence[int], q: float) -> float | None:
-    """The ``q`` quantile (0..1) of a histogram, as Prometheus'
-    ``histogram_quantile`` reads it: linear within the bucket that holds the
-    rank, the first bucket starting at 0.  ``counts`` are per bucket (not
-    cumulative), one more than ``bounds`` (the last is everything above);
-    a rank in that last bucket is reported as the highest bound.  None for
-    an empty histogram.
-    """
-    if len(counts) != len(bounds) + 1:
-        raise ValueError(f"{len(counts)} counts for {len(bounds)} bounds (want bounds + 1)")
-    if not 0.0 <= q <= 1.0:
-        raise ValueError(f"quantile {q} is not in [0, 1]")
-    total = sum(counts)
-    if total == 0:
-        return None
-    rank = q * total
-    below = 0
-    for i, count in enumerate(counts[:-1]):
-        if count and below + count >= rank:
-            lower = bounds[i - 1] if i else 0.0
-            return lower + (bounds[i] - lower) * (rank - below) / count
-        below += count
-    return bounds[-1]
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from cluster.agent_runner import AgentRunner
 from cluster.metrics import ClusterCollector, ClusterSources
+from node.histogram import bucket_upper_bound
 from syncd.config import PeerConfig
 from syncd.errors import ConfigError
 from syncd.peers import LagStats
@@ -126,15 +126,8 @@ def lag_p99_ms(bounds: Sequence[float], before: Sequence[int], now: Sequence[int
     bound of its bucket in ms (a histogram cannot say better); None: no deltas.
     Beyond the last bound it is that bound (the +Inf bucket)."""
     window = [b - a for a, b in zip(before, now, strict=True)]
-    total = sum(window)
-    if total == 0:
-        return None
-    rank, seen = math.ceil(0.99 * total), 0
-    for index, count in enumerate(window):
-        seen += count
-        if seen >= rank:
-            return round(bounds[min(index, len(bounds) - 1)] * 1000, 3)
-    return None
+    p99 = bucket_upper_bound(bounds, window, 0.99)
+    return None if p99 is None else round(p99 * 1000, 3)
 
 
 # With beacons every 10 ms a live peer is heard ten times in this window

@@ -11,7 +11,7 @@ docs/asymmetric.md).  Two views of the added delay are kept apart:
   minus symmetric;
 * the nodes' view: how long each held packet waited for its replica, read
   off the hold queues' release histograms (summed over nodes and runs,
-  quantiles as Prometheus reads them, :func:`node.hold.bucket_quantile`).
+  quantiles as Prometheus reads them, :func:`node.histogram.bucket_quantile`).
 
 Nothing here does I/O; :mod:`chaos.bench_asymmetric` runs the lab.
 """
@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from node.hold import bucket_quantile
+from node.histogram import bucket_quantile
 
 ROUTINGS: Final = ("symmetric", "asymmetric")
 

@@ -173,7 +173,7 @@ def test_hold_metrics_include_a_latency_histogram():
 
 
 def test_bucket_quantile_interpolates_inside_the_bucket_that_holds_the_rank():
-    from node.hold import bucket_quantile
+    from node.histogram import bucket_quantile
 
     bounds = (1.0, 2.0, 4.0)
     # 10 in (0, 1], 10 in (1, 2], none in (2, 4], none above.
@@ -186,7 +186,7 @@ def test_bucket_quantile_interpolates_inside_the_bucket_that_holds_the_rank():
 
 
 def test_bucket_quantile_in_the_overflow_bucket_is_the_highest_bound():
-    from node.hold import bucket_quantile
+    from node.histogram import bucket_quantile
 
     assert bucket_quantile((1.0, 2.0), (1, 0, 99), 0.99) == 2.0
 
@@ -194,7 +194,7 @@ def test_bucket_quantile_in_the_overflow_bucket_is_the_highest_bound():
 def test_bucket_quantile_refuses_a_shape_that_does_not_match():
     import pytest
 
-    from node.hold import bucket_quantile
+    from node.histogram import bucket_quantile
 
     with pytest.raises(ValueError, match="want bounds"):
         bucket_quantile((1.0, 2.0), (1, 2), 0.5)
@@ -203,7 +203,7 @@ def test_bucket_quantile_refuses_a_shape_that_does_not_match():
 
 
 def test_release_waits_land_in_buckets_a_quantile_can_be_read_from():
-    from node.hold import bucket_quantile
+    from node.histogram import bucket_quantile
 
     hold: HoldQueue = HoldQueue(HoldConfig())
     for i, wait_ms in enumerate((1.2, 1.4, 3.5, 3.6, 3.7, 3.8, 3.9, 7.0, 9.0, 60.0)):
